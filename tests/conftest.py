@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny random VideoMAE checkpoint, sample videos, one local Ray for the session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "videoindex" / "samples"
+SHARED_VIDEOS = REPO.parent / "shared" / "videos"
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tinymodel import make_tiny_videomae
+
+    return make_tiny_videomae(tmp_path_factory.mktemp("tiny-videomae"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (starting Ray costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def sample_videos(tmp_path: Path) -> Path:
+    """Two small real sample videos in their own input directory."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("demo.mp4", "carphone_pristine.mp4"):
+        shutil.copy(SAMPLES / name, folder / name)
+    return folder

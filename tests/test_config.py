@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import pytest
+
+from videoindex.config import ConfigError, load_config, output_affecting, to_dict
+
+
+def test_yaml_then_cli_overrides_win(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("input: {uri: /in}\noutput: {uri: /out, shard_size: 10}\nmodel: {top_k: 3}\n")
+    config = load_config(str(path), {"model.top_k": 7, "execution.batch_size": "4"})
+    assert config.output.shard_size == 10
+    assert config.model.top_k == 7
+    assert config.execution.batch_size == 4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"sampling.strategy": "random"}, "sampling.strategy: 'random' is not one of"),
+        ({"sampling.clip_stride": 0}, "sampling.clip_stride must be >= 1"),
+        ({"execution.batch_size": "many"}, "execution.batch_size: expected int"),
+        ({"model.colour": "red"}, "unknown key(s) ['colour']"),
+        ({"output.uri": ""}, "output.uri: no output directory given"),
+    ],
+)
+def test_bad_settings_name_the_key(overrides, message):
+    base = {"input.uri": "/in", "output.uri": "/out"}
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {**base, **overrides})
+    assert message in str(info.value)
+
+
+def test_secrets_never_leave_to_dict():
+    options = {"key": "AKIA123", "secret": "s3cr3t", "client_kwargs": {"endpoint_url": "http://x"}}
+    config = load_config(None, {"input.uri": "/in", "output.uri": "/out", "output.storage_options": options})
+    text = str(to_dict(config))
+    assert "s3cr3t" not in text and "AKIA123" not in text
+    assert "http://x" in text
+
+
+def test_output_affecting_ignores_execution():
+    a = to_dict(load_config(None, {"input.uri": "/in", "output.uri": "/out", "execution.actors": 1}))
+    b = to_dict(load_config(None, {"input.uri": "/in", "output.uri": "/out", "execution.actors": 4}))
+    c = to_dict(load_config(None, {"input.uri": "/in", "output.uri": "/out", "sampling.clip_stride": 2}))
+    assert output_affecting(a) == output_affecting(b)
+    assert output_affecting(a) != output_affecting(c)

@@ -1,0 +1,257 @@
+"""The `videoindex` command: run, demo, status, resume, query, submit.
+
+Exit codes (every subcommand):
+  0  job finished, every video indexed
+  1  job finished, some videos failed (each has a videos row with status=error and its reason)
+  2  job failed or could not start (bad config, unusable input/output, model not loadable, shards failed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib import resources
+from typing import Any
+
+from videoindex.config import DEFAULT_MODEL, ConfigError, load_config
+
+EXAMPLES = """examples:
+  videoindex demo                                   # bundled sample videos, local Ray
+  videoindex run /data/videos out/ --model /ckpt/videomae-small-finetuned-ssv2
+  videoindex run 's3://bucket/raw/**/*.mp4' s3://bucket/index/ --actors 4 --batch-size 32
+  videoindex run manifest.csv out/ --sampling ssv2 --config job.yaml
+  videoindex status out/
+  videoindex resume out/ --retry-failed
+  videoindex query out/ summary
+"""
+
+RUN_FLAGS = {  # CLI flag -> job config key
+    "model": "model.name",
+    "sampling": "sampling.strategy",
+    "clip_stride": "sampling.clip_stride",
+    "max_clips_per_video": "sampling.max_clips_per_video",
+    "shard_size": "output.shard_size",
+    "actors": "execution.actors",
+    "batch_size": "execution.batch_size",
+    "decoder": "decode.decoder",
+    "top_k": "model.top_k",
+    "device": "model.device",
+    "dtype": "model.dtype",
+    "address": "execution.address",
+}
+
+
+def _storage_options(pairs: list[str] | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--storage-option {pair!r}: use KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML job config; flags override its values")
+    p.add_argument("--model", help=f"hub id or local checkpoint dir (default {DEFAULT_MODEL})")
+    p.add_argument("--random-weights", action="store_true", default=None,
+                   help="seeded random weights of the model's architecture (demos, benchmarks; recorded in the output)")
+    p.add_argument("--sampling", choices=["sliding", "uniform", "ssv2"], help="clip sampling (default sliding)")
+    p.add_argument("--clip-stride", type=int, metavar="FRAMES", help="frames between sampled frames (default 4)")
+    p.add_argument("--max-clips-per-video", type=int, metavar="N")
+    p.add_argument("--shard-size", type=int, metavar="N", help="videos per shard (default 64)")
+    p.add_argument("--actors", type=int, metavar="N", help="model actors (default: one per GPU, else 1)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="clips per model call (default 8)")
+    p.add_argument("--decoder", choices=["decord", "pyav"], help="video decoder (default decord)")
+    p.add_argument("--top-k", type=int, metavar="K", help="labels kept per clip (default 5)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--address", help="Ray address (default: local Ray, or RAY_ADDRESS)")
+    p.add_argument("--thumbnails", action="store_true", default=None, help="store a small JPEG per clip")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="fsspec option (repeatable)")
+    p.add_argument("--rerun", action="store_true", help="re-process committed shards too (files are overwritten)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {key: getattr(args, flag) for flag, key in RUN_FLAGS.items()}
+    if getattr(args, "input", None):
+        out["input.uri"] = args.input
+    if getattr(args, "output", None):
+        out["output.uri"] = args.output
+    if args.random_weights:
+        out["model.random_weights"] = True
+    if args.thumbnails:
+        out["output.thumbnails"] = True
+    if args.storage_option:
+        options = _storage_options(args.storage_option)
+        out["input.storage_options"] = options
+        out["output.storage_options"] = options
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="videoindex",
+        description="Index video collections with a VideoMAE classifier into Parquet tables, on Ray.",
+        epilog=EXAMPLES + "\n" + (__doc__ or "").split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of every shard")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="index INPUT into OUTPUT", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("input", nargs="?", help="directory/prefix (recursive), glob, or manifest (.txt/.csv/.parquet)")
+    run.add_argument("output", nargs="?", help="output directory or URI (e.g. s3://bucket/index)")
+    _add_run_flags(run)
+
+    demo = sub.add_parser("demo", help="index the bundled sample videos (random weights when offline, said loudly)")
+    demo.add_argument("--output", default="videoindex-demo", help="output directory (default ./videoindex-demo)")
+
+    status = sub.add_parser("status", help="progress and results of a job, from its output alone")
+    status.add_argument("output", help="OUTPUT directory/URI, or a Ray job submission id with --address")
+    status.add_argument("--address", help="Ray dashboard address, for a submission id")
+    status.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    resume = sub.add_parser("resume", help="finish the unfinished shards of a job")
+    resume.add_argument("output")
+    resume.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    resume.add_argument("--actors", type=int)
+    resume.add_argument("--batch-size", type=int)
+    resume.add_argument("--address")
+    resume.add_argument("--no-progress", action="store_true")
+
+    for register in _extra_registrars():
+        register(sub)
+    return parser
+
+
+def _extra_registrars() -> list[Any]:
+    registrars = []
+    try:
+        from videoindex.query import register_query_cli
+
+        registrars.append(register_query_cli)
+    except ImportError:  # pragma: no cover - during development
+        pass
+    try:
+        from videoindex.submit import register_submit_cli
+
+        registrars.append(register_submit_cli)
+    except ImportError:  # pragma: no cover
+        pass
+    return registrars
+
+
+def _print_summary(summary: dict[str, Any], random_weights: bool) -> None:
+    print("videoindex: done")
+    for key in ("output", "videos", "videos_ok", "videos_error", "clips", "clips_per_s", "wall_s",
+                "shards_committed", "shards_failed"):  # fmt: skip
+        print(f"  {key:<17} {summary.get(key)}")
+    if summary.get("failed_shards"):
+        for shard, reason in summary["failed_shards"].items():
+            print(f"  shard {shard} failed: {reason}")
+    out = summary.get("output")
+    print(f"  tables            {out}/clips  {out}/videos  {out}/errors  (Hive-partitioned Parquet)")
+    if random_weights:
+        print("  !! RANDOM WEIGHTS: labels and scores are meaningless (recorded in _job.json and every row)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from videoindex.runner import run_job
+
+    config = load_config(args.config, _overrides(args))
+    result = run_job(config, rerun=args.rerun, progress=not args.no_progress)
+    _print_summary(result.summary, config.model.random_weights)
+    return result.exit_code
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from videoindex.model import ModelLoadError, resolve_model
+    from videoindex.runner import run_job
+
+    samples = str(resources.files("videoindex") / "samples")
+    config = load_config(None, {"input.uri": samples, "output.uri": args.output, "execution.batch_size": 4})
+    try:
+        resolve_model(config.model, config.preprocess)
+    except ModelLoadError as exc:
+        banner = "!" * 100
+        print(f"{banner}\n!! videoindex demo: the model {config.model.name} cannot be loaded here:\n!!   {str(exc).splitlines()[0]}\n"
+              "!! The demo runs with RANDOM WEIGHTS of the real architecture: labels are meaningless.\n"
+              f"!! This is recorded in {args.output}/_job.json and in every row's `model` column.\n{banner}", file=sys.stderr)  # fmt: skip
+        config = config.replace(model=config.model.__class__(**{**config.model.__dict__, "random_weights": True}))
+    result = run_job(config)
+    _print_summary(result.summary, config.model.random_weights)
+    print(f"  try: videoindex status {args.output}   |   videoindex query {args.output} summary")
+    return result.exit_code
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from videoindex.runner import job_config_from_output, run_job
+
+    overrides = {"execution.actors": args.actors, "execution.batch_size": args.batch_size, "execution.address": args.address}
+    config = job_config_from_output(args.output, _storage_options(args.storage_option), **overrides)
+    result = run_job(config, resume=True, progress=not args.no_progress)
+    _print_summary(result.summary, config.model.random_weights)
+    return result.exit_code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from videoindex.status import job_status, render_status
+
+    if args.address and "/" not in args.output:
+        from videoindex.submit import job_status as submission_status
+
+        print(json.dumps(submission_status(args.address, args.output), indent=2, default=str))
+        return 0
+    report = job_status(args.output, _storage_options(args.storage_option))
+    print(json.dumps(report, indent=2, default=str) if args.json else render_status(report))
+    return 0
+
+
+def _plugin_handler(command: str) -> Any:
+    if command == "query":
+        from videoindex.query import run_query_cli
+
+        return run_query_cli
+    if command == "submit":
+        from videoindex.submit import run_submit_cli
+
+        return run_submit_cli
+    raise SystemExit(f"videoindex: unknown command {command}")
+
+
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "status": cmd_status, "resume": cmd_resume}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    handler = COMMANDS.get(args.command) or _plugin_handler(args.command)
+    try:
+        return handler(args)
+    except (ConfigError, FileNotFoundError, PermissionError) as exc:
+        print(f"videoindex {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from videoindex.jobfile import JobMismatchError
+        from videoindex.model import ModelLoadError
+        from videoindex.plan import PlanError
+
+        if isinstance(exc, (JobMismatchError, ModelLoadError, PlanError)):
+            print(f"videoindex {args.command}: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,144 @@
+"""Turn one video (or one chunk of its clips) into model-ready uint8 clips.
+
+This is the unit of decode work: it runs in a CPU worker process anywhere in the cluster, and only its
+result (resized, cropped uint8 clips plus metadata) travels to a model actor. Requires a VideoTask and
+ExtractSettings; produces an ExtractResult with ``clips: uint8[C, T, S, S, 3]``.
+
+Chunk 0 opens the video, reads its metadata, plans every clip and decodes the first ``chunk_clips`` of
+them; later chunks decode their own clips only, so memory stays flat for long videos.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from videoindex import storage
+from videoindex.config import DecodeConfig, SamplingConfig
+from videoindex.decode import DecodeError, VideoMeta, classify_error, open_video
+from videoindex.plan import VideoTask
+from videoindex.preprocess import PreprocessSpec, resize_and_crop
+from videoindex.sampling import ClipSpec, plan_clips
+
+log = logging.getLogger(__name__)
+THUMBNAIL_SHORT_SIDE = 96
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Everything a decode worker needs besides the video itself."""
+
+    sampling: SamplingConfig
+    decode: DecodeConfig
+    preprocess: PreprocessSpec
+    clip_len: int = 16
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    thumbnails: bool = False
+
+
+@dataclass(frozen=True)
+class ExtractRequest:
+    video: VideoTask
+    chunk: int = 0
+    clips: tuple[ClipSpec, ...] | None = None  # None on chunk 0: plan them
+
+
+@dataclass
+class ExtractResult:
+    """Decoded clips of one chunk, or the error that stopped the video."""
+
+    request: ExtractRequest
+    meta: VideoMeta | None = None
+    all_clips: tuple[ClipSpec, ...] = ()  # every clip of the video (chunk 0 only)
+    clips: tuple[ClipSpec, ...] = ()  # the clips decoded here
+    frames: np.ndarray | None = None  # uint8[C, T, S, S, 3]
+    times_s: list[tuple[float, float]] = field(default_factory=list)  # (start_s, end_s) per clip
+    thumbnails: list[bytes | None] = field(default_factory=list)
+    error: DecodeError | None = None
+    recovered: list[DecodeError] = field(default_factory=list)  # non-fatal (e.g. decord -> PyAV fallback)
+    size_bytes: int | None = None
+    decode_s: float = 0.0
+
+
+def _thumbnail(frame: np.ndarray) -> bytes:
+    from PIL import Image
+
+    image = Image.fromarray(frame)
+    scale = THUMBNAIL_SHORT_SIDE / min(image.size)
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def _clip_times(spec: ClipSpec, stamps: dict[int, float], fps: float) -> tuple[float, float]:
+    first, last = spec.frame_indices[0], spec.frame_indices[-1]
+    start = stamps.get(first, first / fps if fps else 0.0)
+    end = stamps.get(last, last / fps if fps else 0.0) + (1.0 / fps if fps else 0.0)
+    return float(start), float(end)
+
+
+def _decode_clips(reader: Any, clips: tuple[ClipSpec, ...], settings: ExtractSettings, result: ExtractResult) -> None:
+    wanted = sorted({i for c in clips for i in c.frame_indices})
+    frames, stamps = reader.read(wanted)
+    position = {idx: k for k, idx in enumerate(wanted)}
+    stamp_of = {idx: float(stamps[k]) for k, idx in enumerate(wanted)}
+    fps = reader.meta.fps
+    out = np.empty((len(clips), settings.clip_len, settings.preprocess.crop_size, settings.preprocess.crop_size, 3), np.uint8)
+    for n, spec in enumerate(clips):
+        clip = frames[[position[i] for i in spec.frame_indices]]
+        out[n] = resize_and_crop(clip, settings.preprocess, crop_position=spec.spatial_crop)
+        result.times_s.append(_clip_times(spec, stamp_of, fps))
+        if settings.thumbnails:
+            result.thumbnails.append(_thumbnail(clip[len(clip) // 2]))
+    result.frames = out
+
+
+def extract(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult:
+    """Decode one chunk of a video. Never raises for a bad video: the error is in the result."""
+    started = time.perf_counter()
+    result = ExtractResult(request=request, size_bytes=request.video.size_bytes)
+    try:
+        fs, path = storage.filesystem(request.video.uri, settings.storage_options)
+        if result.size_bytes is None or request.chunk == 0:
+            info = storage.with_retries(lambda: fs.info(path), what=f"stat {request.video.uri}")
+            if info.get("type") == "directory":
+                raise IsADirectoryError(f"{request.video.uri} is a directory, not a video file")
+            result.size_bytes = info.get("size")
+        if result.size_bytes == 0:
+            raise DecodeError("empty_file", "open", f"{request.video.uri} is an empty file (0 bytes)")
+        with open_video(path, decoder=settings.decode.decoder, fs=fs, fallback_to_pyav=settings.decode.fallback_to_pyav) as reader:
+            result.meta = reader.meta
+            if reader.fallback is not None:
+                result.recovered.append(reader.fallback)
+            clips = request.clips
+            if clips is None:
+                result.all_clips = tuple(plan_clips(reader.meta.frames, settings.sampling, settings.clip_len))
+                if not result.all_clips:
+                    raise DecodeError("corrupt", "probe", f"{request.video.uri}: no decodable frames")
+                clips = result.all_clips[: settings.decode.chunk_clips]
+            result.clips = clips
+            _decode_clips(reader, clips, settings, result)
+    except DecodeError as exc:
+        result.error = exc
+    except Exception as exc:  # a bad video must become a row, not a crashed shard
+        result.error = classify_error(exc, size_bytes=result.size_bytes, stage="decode" if result.meta else "open")
+    if result.error is not None:
+        result.frames = None
+        log.info("decode failed for %s: %s: %s", request.video.uri, result.error.error_type, result.error)
+    result.decode_s = time.perf_counter() - started
+    return result
+
+
+def follow_up_requests(first: ExtractResult, chunk_clips: int) -> list[ExtractRequest]:
+    """The requests for the clips chunk 0 did not decode."""
+    rest = first.all_clips[len(first.clips) :]
+    return [
+        ExtractRequest(video=first.request.video, chunk=1 + n // chunk_clips, clips=tuple(rest[n : n + chunk_clips]))
+        for n in range(0, len(rest), chunk_clips)
+    ]

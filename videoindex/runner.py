@@ -1,0 +1,333 @@
+"""The thin Ray layer: model actors take shards from a driver-side queue; decode runs as Ray tasks.
+
+Flow: the driver resolves the model and plans the job (``_job.json``, ``_plan/``), then hands shard ids
+to model actors dynamically (``shards_per_actor`` each at a time). An actor reads its shard's rows of
+the plan, keeps ``decode_in_flight`` decode tasks running anywhere in the cluster (only resized uint8
+clips travel back), batches clips through its model copy, writes the shard's files and commits the
+shard's marker last. A lost actor or node costs an attempt: the shard goes back to the queue and its
+deterministic files are overwritten by the next attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from videoindex import __version__, plan, storage
+from videoindex.config import JobConfig
+from videoindex.decode import DecodeError
+from videoindex.extract import ExtractRequest, ExtractResult, ExtractSettings, extract
+from videoindex.jobfile import check_compatible, job_record, read_job, refuse_foreign_tables, JOB_FILE
+from videoindex.ledger import Ledger
+from videoindex.model import ModelInfo, VideoClassifier, resolve_model
+from videoindex.schema import shard_name
+from videoindex.shard import index_shard
+from videoindex.write import file_metadata, write_shard_tables
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_VIDEOS_FAILED, EXIT_JOB_FAILED = 0, 1, 2
+
+
+@dataclass
+class JobResult:
+    exit_code: int
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ActorJob:
+    """What every model actor needs; built once on the driver."""
+
+    config: JobConfig
+    model: ModelInfo
+    settings: ExtractSettings
+    output_root: str
+
+
+def _extract_task(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult:
+    import torch
+
+    torch.set_num_threads(1)
+    return extract(request, settings)
+
+
+def ray_extract_window(settings: ExtractSettings, config: JobConfig, counters: dict[str, int]):
+    """A run_extracts for index_shard: a bounded, ordered window of Ray decode tasks with a timeout.
+
+    The timeout clock of a task starts when it reaches the head of the window (the tasks before it are
+    done, so it is running); past it, the worker is killed and the video fails as ``timeout``.
+    A worker that dies (crash, os._exit) is retried by Ray for system failures, then recorded as
+    ``decoder_crash``.
+    """
+    task = ray.remote(_extract_task).options(num_cpus=config.execution.decode_num_cpus, max_retries=2)
+    timeout = config.decode.timeout_s
+
+    def run(queue: deque) -> Iterator[ExtractResult]:
+        window: deque = deque()
+        while queue or window:
+            while queue and len(window) < config.execution.decode_in_flight:
+                request = queue.popleft()
+                window.append((request, task.remote(request, settings)))
+            request, ref = window.popleft()
+            ready, _ = ray.wait([ref], timeout=timeout)
+            if not ready:
+                ray.cancel(ref, force=True)
+                error = DecodeError("timeout", "decode", f"decoding took longer than {timeout:g} s; worker killed")
+                result = ExtractResult(request=request, error=error)
+            else:
+                try:
+                    result = ray.get(ref)
+                except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayTaskError) as exc:
+                    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                    result = ExtractResult(request=request, error=DecodeError("decoder_crash", "decode", f"decode worker died: {text}"))
+            counters["chunks"] += 1
+            counters["clips"] += len(result.clips)
+            if result.error is not None and request.chunk == 0:
+                counters["errors"] += 1
+            if request.chunk == 0:
+                counters["videos"] += 1
+            yield result
+
+    return run
+
+
+class _LockedClassifier:
+    """Lets two shard threads of one actor share one model copy, one batch at a time."""
+
+    def __init__(self, classifier: VideoClassifier) -> None:
+        self.classifier = classifier
+        self.info = classifier.info
+        self.lock = threading.Lock()
+
+    def __call__(self, clips: Any) -> Any:
+        with self.lock:
+            return self.classifier(clips)
+
+
+class ModelActor:
+    """Holds one copy of the model; indexes whole shards and commits them."""
+
+    def __init__(self, job: ActorJob) -> None:
+        import torch
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        execution = job.config.execution
+        torch.set_num_threads(execution.torch_threads or max(1, int(execution.actor_num_cpus)))
+        self.job = job
+        info = resolve_model(job.config.model, job.config.preprocess)
+        if info.weights_sha256 != job.model.weights_sha256:
+            raise RuntimeError(f"model weights on this node differ from the driver's ({info.weights_sha256} != {job.model.weights_sha256})")
+        self.classifier = _LockedClassifier(VideoClassifier(info, job.config.model))
+        self.fs, self.root = storage.filesystem(job.output_root, job.config.output.storage_options)
+        self.ledger = Ledger(self.fs, self.root)
+        self.counters = {"videos": 0, "clips": 0, "errors": 0, "chunks": 0}
+        self.metadata = file_metadata(info, __version__)
+
+    def index(self, shard: int, attempt: int) -> dict[str, Any]:
+        context = ray.get_runtime_context()
+        where = {"node": context.get_node_id(), "actor": context.get_actor_id(), "pid": os.getpid()}
+        self.ledger.started(shard, attempt, where)
+        started = time.time()
+        tasks = plan.shard_tasks(plan.read_plan(self.fs, self.root, shard))
+        log.info("[shard %s] attempt %d: %d videos", shard_name(shard), attempt, len(tasks))
+        run = ray_extract_window(self.job.settings, self.job.config, self.counters)
+        out = index_shard(tasks, self.job.settings, self.classifier, batch_size=self.job.config.execution.batch_size, run_extracts=run)
+        written = write_shard_tables(self.fs, self.root, shard, out.tables, metadata=self.metadata,
+                                     clips_row_group_size=self.job.config.output.clips_row_group_size)  # fmt: skip
+        stats = {**out.stats, "shard": shard, "attempt": attempt, "started_at": started, "finished_at": time.time(),
+                 "bytes_written": written, **where}  # fmt: skip
+        self.ledger.commit(shard, stats)
+        log.info("[shard %s] committed: %s", shard_name(shard), stats)
+        return stats
+
+    def progress(self) -> dict[str, int]:
+        return dict(self.counters)
+
+
+def _resolve_plan(config: JobConfig, info: ModelInfo, fs: Any, root: str, *, must_exist: bool) -> int:
+    """Write (or check and reuse) _job.json and the plan; returns the number of shards."""
+    existing = read_job(fs, root)
+    if existing is not None:
+        check_compatible(existing, config, info, config.output.uri)
+        return int(existing["plan"]["shards"])
+    if must_exist:
+        raise FileNotFoundError(f"{config.output.uri} has no {JOB_FILE}: nothing to resume")
+    refuse_foreign_tables(fs, root, config.output.uri)
+    table = plan.make_plan(plan.list_inputs(config.input), config.output.shard_size)
+    shards = len(plan.shard_ids(table))
+    storage.write_json(fs, storage.join(root, JOB_FILE), job_record(config, info, table.num_rows, shards))
+    plan.write_plan(fs, root, table, config.output.shard_size)
+    log.info("planned %d videos in %d shards", table.num_rows, shards)
+    return shards
+
+
+def _init_ray(config: JobConfig) -> None:
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = config.execution.address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
+
+
+def _actor_resources(config: JobConfig) -> tuple[int, float]:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    num_gpus = config.execution.actor_num_gpus
+    if num_gpus is None:
+        num_gpus = 1.0 if gpus and config.model.device != "cpu" else 0.0
+    actors = config.execution.actors or (max(1, int(gpus / num_gpus)) if num_gpus else 1)
+    return actors, num_gpus
+
+
+class _Dispatcher:
+    """Hands shards to actors from a queue, retries infrastructure failures, records every attempt."""
+
+    def __init__(self, job: ActorJob, ledger: Ledger, actors: int, num_gpus: float) -> None:
+        self.job = job
+        self.ledger = ledger
+        execution = job.config.execution
+        self.actor_cls = ray.remote(ModelActor).options(
+            num_cpus=execution.actor_num_cpus,
+            num_gpus=num_gpus,
+            max_restarts=-1,
+            max_concurrency=execution.shards_per_actor + 1,
+        )
+        self.actors = [self.actor_cls.remote(job) for _ in range(actors)]
+        self.load = [0] * actors
+        self.inflight: dict[Any, tuple[int, int, int]] = {}
+        self.committed: list[dict[str, Any]] = []
+        self.failed: dict[int, str] = {}
+
+    def _submit(self, queue: deque) -> None:
+        limit = self.job.config.execution.shards_per_actor
+        for n in sorted(range(len(self.actors)), key=lambda i: self.load[i]):
+            while queue and self.load[n] < limit:
+                shard, attempt = queue.popleft()
+                self.inflight[self.actors[n].index.remote(shard, attempt)] = (shard, attempt, n)
+                self.load[n] += 1
+
+    def _settle(self, ref: Any, queue: deque) -> None:
+        shard, attempt, n = self.inflight.pop(ref)
+        self.load[n] -= 1
+        try:
+            self.committed.append(ray.get(ref))
+            return
+        except ray.exceptions.RayActorError as exc:
+            reason = f"actor lost: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        except ray.exceptions.RayTaskError as exc:
+            reason = f"shard failed: {str(exc).strip().splitlines()[-1]}"
+        final = attempt >= self.job.config.execution.max_attempts
+        log.warning("[shard %s] attempt %d failed (%s)%s", shard_name(shard), attempt, reason, "; giving up" if final else "; retrying")
+        self.ledger.attempt_failed(shard, attempt, reason, final=final)
+        if final:
+            self.failed[shard] = reason
+        else:
+            queue.append((shard, attempt + 1))
+
+    def progress(self) -> dict[str, int]:
+        total = {"videos": 0, "clips": 0, "errors": 0}
+        refs = [a.progress.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+        for ref in ready:
+            try:
+                for key in total:
+                    total[key] += ray.get(ref)[key]
+            except ray.exceptions.RayError:
+                pass
+        return total
+
+    def run(self, queue: deque, on_tick: Any) -> None:
+        while queue or self.inflight:
+            self._submit(queue)
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                self._settle(ref, queue)
+            on_tick(self)
+
+
+def _pending_shards(ledger: Ledger, shards: int, *, rerun: bool) -> deque:
+    view = ledger.view()
+    done = set() if rerun else view.committed()
+    return deque((s, view.state(s).attempts + 1) for s in range(shards) if s not in done)
+
+
+def run_job(config: JobConfig, *, resume: bool = False, rerun: bool = False, progress: bool | None = None) -> JobResult:
+    """Run (or continue) an indexing job; returns the exit code and a summary."""
+    started = time.time()
+    info = resolve_model(config.model, config.preprocess)
+    if info.random_weights:
+        log.warning("RANDOM WEIGHTS: %s runs with seeded random weights of the real architecture; "
+                    "labels are meaningless (recorded in _job.json and every row)", info.name)  # fmt: skip
+    fs, root = storage.filesystem(config.output.uri, config.output.storage_options)
+    shards = _resolve_plan(config, info, fs, root, must_exist=resume)
+    ledger = Ledger(fs, root)
+    queue = _pending_shards(ledger, shards, rerun=rerun)
+    settings = ExtractSettings(
+        sampling=config.sampling, decode=config.decode, preprocess=info.preprocess, clip_len=info.num_frames,
+        storage_options=dict(config.input.storage_options), thumbnails=config.output.thumbnails,
+    )  # fmt: skip
+    job = ActorJob(config=config, model=info, settings=settings, output_root=config.output.uri)
+    result = JobResult(EXIT_OK, {"output": config.output.uri, "shards": shards, "shards_to_run": len(queue)})
+    if queue:
+        _init_ray(config)
+        actors, num_gpus = _actor_resources(config)
+        dispatcher = _Dispatcher(job, ledger, min(actors, len(queue)), num_gpus)
+        from videoindex.progress import JobProgress
+
+        with JobProgress(config, ledger, shards, enabled=config.execution.progress if progress is None else progress) as bar:
+            dispatcher.run(queue, bar.tick)
+        result.summary["failed_shards"] = dict(dispatcher.failed)
+    result.summary.update(summarize(ledger, shards))
+    result.summary["wall_s"] = round(time.time() - started, 2)
+    if result.summary.get("failed_shards") or result.summary["shards_committed"] < shards:
+        result.exit_code = EXIT_JOB_FAILED
+    elif result.summary["videos_error"]:
+        result.exit_code = EXIT_VIDEOS_FAILED
+    return result
+
+
+def summarize(ledger: Ledger, shards: int) -> dict[str, Any]:
+    """Totals over committed shards, from their markers alone."""
+    stats = ledger.committed_stats()
+    keys = ("videos", "videos_ok", "videos_error", "clips")
+    totals = {k: sum(int(s.get(k, 0)) for s in stats) for k in keys}
+    spans = [(s["started_at"], s["finished_at"]) for s in stats if "started_at" in s]
+    busy = (max(e for _, e in spans) - min(b for b, _ in spans)) if spans else 0.0
+    view = ledger.view()
+    return {
+        **totals,
+        "shards_committed": len(view.committed()),
+        "shards_failed": len(view.failed()),
+        "clips_per_s": round(totals["clips"] / busy, 3) if busy > 0 else None,
+    }
+
+
+def job_config_from_output(output: str, storage_options: dict[str, Any] | None = None, **overrides: Any) -> JobConfig:
+    """Rebuild a job's config from its _job.json (for resume); secrets come from storage_options."""
+    from videoindex.config import load_config
+
+    fs, root = storage.filesystem(output, storage_options)
+    record = read_job(fs, root)
+    if record is None:
+        raise FileNotFoundError(f"{output} has no {JOB_FILE}: not a videoindex output")
+    flat: dict[str, Any] = {}
+    for section, values in record["config"].items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    flat["output.uri"] = output
+    if storage_options:
+        flat["output.storage_options"] = storage_options
+        if flat.get("input.storage_options") and "***" in str(flat["input.storage_options"]):
+            flat["input.storage_options"] = storage_options
+    flat.update({k: v for k, v in overrides.items() if v is not None})
+    return load_config(None, flat)
+
+

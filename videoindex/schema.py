@@ -1,0 +1,116 @@
+"""Table schemas and output layout: the contract every reader (query, report, Spark, DuckDB) relies on.
+
+Layout under OUTPUT (all names derive from the shard id, so a re-run overwrites, never duplicates)::
+
+    _job.json                                 settings, model, label map, versions
+    _plan/plan.parquet                        uri, video_id, size, mtime, shard (sorted)
+    clips/shard=00042/part-00042.parquet      one row per clip
+    videos/shard=00042/part-00042.parquet     one row per input video
+    errors/shard=00042/part-00042.parquet     one row per error met (also non-fatal ones)
+    _ledger/committed/shard-00042.json        commit marker + shard stats, written last
+    _ledger/attempts/shard-00042.a01.json     attempt history (started / failed)
+
+``shard`` is a Hive partition column (not stored inside the files), so
+``pyarrow.dataset.dataset(OUTPUT + "/clips", partitioning="hive")`` and DuckDB's ``hive_partitioning``
+give it back as an integer.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+TABLES = ("clips", "videos", "errors")
+SHARD_WIDTH = 5
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+
+def clips_schema(num_labels: int, embed_dim: int) -> pa.Schema:
+    """One row per clip. Logits and embedding are fixed-size float32 lists (model-dependent sizes)."""
+    return pa.schema(
+        [
+            pa.field("video_id", pa.string(), nullable=False),
+            pa.field("uri", pa.string(), nullable=False),
+            pa.field("clip_index", pa.int32(), nullable=False),
+            pa.field("temporal_view", pa.int16(), nullable=False),
+            pa.field("spatial_crop", pa.int16(), nullable=False),
+            pa.field("frame_indices", pa.list_(pa.int32()), nullable=False),
+            pa.field("start_frame", pa.int32(), nullable=False),
+            pa.field("end_frame", pa.int32(), nullable=False),  # last sampled frame, inclusive
+            pa.field("start_s", pa.float64(), nullable=False),
+            pa.field("end_s", pa.float64(), nullable=False),  # end of the last sampled frame
+            pa.field("padded", pa.bool_(), nullable=False),  # video shorter than a clip: indices repeat
+            pa.field("label", pa.string(), nullable=False),
+            pa.field("label_id", pa.int32(), nullable=False),
+            pa.field("score", pa.float32(), nullable=False),  # softmax probability of label
+            pa.field("topk_labels", pa.list_(pa.string()), nullable=False),
+            pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("topk_scores", pa.list_(pa.float32()), nullable=False),
+            pa.field("logits", pa.list_(pa.float32(), num_labels), nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), embed_dim), nullable=False),
+            pa.field("model", pa.string(), nullable=False),
+            pa.field("thumbnail", pa.binary(), nullable=True),  # JPEG of the middle frame, if enabled
+        ]
+    )
+
+
+VIDEOS_SCHEMA = pa.schema(
+    [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("mtime", pa.string()),  # modification time or etag as listed, ISO 8601 when a time
+        pa.field("duration_s", pa.float64()),
+        pa.field("fps", pa.float64()),
+        pa.field("frames", pa.int64()),
+        pa.field("width", pa.int32()),  # after rotation
+        pa.field("height", pa.int32()),
+        pa.field("rotation", pa.int16()),  # degrees, as in the container metadata
+        pa.field("codec", pa.string()),
+        pa.field("decoder", pa.string()),  # the decoder that produced the clips (decord | pyav)
+        pa.field("num_clips", pa.int32(), nullable=False),
+        pa.field("label", pa.string()),  # video level: argmax of averaged clip probabilities
+        pa.field("label_id", pa.int32()),
+        pa.field("score", pa.float32()),
+        pa.field("status", pa.string(), nullable=False),  # ok | error
+        pa.field("error_type", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("extra", pa.string()),  # JSON of manifest columns other than uri
+    ]
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),  # open | probe | decode | infer
+        pa.field("decoder", pa.string()),
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("error_message", pa.string(), nullable=False),
+        pa.field("fatal", pa.bool_(), nullable=False),  # false: recovered (e.g. decord failed, PyAV worked)
+    ]
+)
+
+PLAN_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("mtime", pa.string()),
+        pa.field("extra", pa.string()),
+        pa.field("shard", pa.int32(), nullable=False),
+    ]
+)
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:0{SHARD_WIDTH}d}"
+
+
+def table_file(table: str, shard: int) -> str:
+    """Path of a shard's file, relative to OUTPUT."""
+    name = shard_name(shard)
+    return f"{table}/shard={name}/part-{name}.parquet"
