@@ -24,15 +24,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_videomae(tmp_path_factory.mktemp("tiny-videomae"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def ray_session():
-    """One local Ray for the whole session (starting Ray costs seconds)."""
+    """One local Ray shared by the tests that need it (starting Ray costs seconds).
+
+    Fault tests shut it down to start a multi-node cluster; the next user starts it again.
+    """
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 @pytest.fixture()

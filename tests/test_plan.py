@@ -39,7 +39,9 @@ def test_glob_and_manifests(tmp_path):
     for name in ("a.mp4", "b.mp4", "c.avi"):
         _touch(tmp_path / "v" / name)
     assert len(list_inputs(InputConfig(uri=str(tmp_path / "v" / "*.mp4")))) == 2
-    (tmp_path / "list.txt").write_text("# comment\nv/a.mp4\n\n" + str(tmp_path / "v" / "c.avi") + "\nv/a.mp4\n")
+    (tmp_path / "list.txt").write_text(
+        "# comment\nv/a.mp4\n\n" + str(tmp_path / "v" / "c.avi") + "\nv/a.mp4\n"
+    )
     rows = list_inputs(InputConfig(uri=str(tmp_path / "list.txt")))
     plan = make_plan(rows, 10)
     assert plan.num_rows == 2  # duplicate dropped, relative path resolved against the manifest

@@ -59,10 +59,18 @@ def _storage_options(pairs: list[str] | None) -> dict[str, Any]:
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML job config; flags override its values")
     p.add_argument("--model", help=f"hub id or local checkpoint dir (default {DEFAULT_MODEL})")
-    p.add_argument("--random-weights", action="store_true", default=None,
-                   help="seeded random weights of the model's architecture (demos, benchmarks; recorded in the output)")
-    p.add_argument("--sampling", choices=["sliding", "uniform", "ssv2"], help="clip sampling (default sliding)")
-    p.add_argument("--clip-stride", type=int, metavar="FRAMES", help="frames between sampled frames (default 4)")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        default=None,
+        help="seeded random weights of the model's architecture (demos, benchmarks; recorded in the output)",
+    )
+    p.add_argument(
+        "--sampling", choices=["sliding", "uniform", "ssv2"], help="clip sampling (default sliding)"
+    )
+    p.add_argument(
+        "--clip-stride", type=int, metavar="FRAMES", help="frames between sampled frames (default 4)"
+    )
     p.add_argument("--max-clips-per-video", type=int, metavar="N")
     p.add_argument("--shard-size", type=int, metavar="N", help="videos per shard (default 64)")
     p.add_argument("--actors", type=int, metavar="N", help="model actors (default: one per GPU, else 1)")
@@ -73,8 +81,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--address", help="Ray address (default: local Ray, or RAY_ADDRESS)")
     p.add_argument("--thumbnails", action="store_true", default=None, help="store a small JPEG per clip")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="fsspec option (repeatable)")
-    p.add_argument("--rerun", action="store_true", help="re-process committed shards too (files are overwritten)")
+    p.add_argument(
+        "--storage-option", action="append", metavar="KEY=VALUE", help="fsspec option (repeatable)"
+    )
+    p.add_argument(
+        "--rerun", action="store_true", help="re-process committed shards too (files are overwritten)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -105,13 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress of every shard")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="index INPUT into OUTPUT", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("input", nargs="?", help="directory/prefix (recursive), glob, or manifest (.txt/.csv/.parquet)")
+    run = sub.add_parser(
+        "run",
+        help="index INPUT into OUTPUT",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "input", nargs="?", help="directory/prefix (recursive), glob, or manifest (.txt/.csv/.parquet)"
+    )
     run.add_argument("output", nargs="?", help="output directory or URI (e.g. s3://bucket/index)")
     _add_run_flags(run)
 
-    demo = sub.add_parser("demo", help="index the bundled sample videos (random weights when offline, said loudly)")
-    demo.add_argument("--output", default="videoindex-demo", help="output directory (default ./videoindex-demo)")
+    demo = sub.add_parser(
+        "demo", help="index the bundled sample videos (random weights when offline, said loudly)"
+    )
+    demo.add_argument(
+        "--output", default="videoindex-demo", help="output directory (default ./videoindex-demo)"
+    )
 
     status = sub.add_parser("status", help="progress and results of a job, from its output alone")
     status.add_argument("output", help="OUTPUT directory/URI, or a Ray job submission id with --address")
@@ -119,8 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
-    resume = sub.add_parser("resume", help="finish the unfinished shards of a job")
+    resume = sub.add_parser(
+        "resume", help="finish the unfinished shards of a job; optionally retry failed videos"
+    )
     resume.add_argument("output")
+    resume.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also re-index failed videos of retryable types (timeout, storage, decoder_crash, out_of_memory)",
+    )
+    resume.add_argument(
+        "--all", action="store_true", dest="retry_all", help="with --retry-failed: every error type"
+    )
     resume.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
     resume.add_argument("--actors", type=int)
     resume.add_argument("--batch-size", type=int)
@@ -185,7 +218,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"{banner}\n!! videoindex demo: the model {config.model.name} cannot be loaded here:\n!!   {str(exc).splitlines()[0]}\n"
               "!! The demo runs with RANDOM WEIGHTS of the real architecture: labels are meaningless.\n"
               f"!! This is recorded in {args.output}/_job.json and in every row's `model` column.\n{banner}", file=sys.stderr)  # fmt: skip
-        config = config.replace(model=config.model.__class__(**{**config.model.__dict__, "random_weights": True}))
+        config = config.replace(
+            model=config.model.__class__(**{**config.model.__dict__, "random_weights": True})
+        )
     result = run_job(config)
     _print_summary(result.summary, config.model.random_weights)
     print(f"  try: videoindex status {args.output}   |   videoindex query {args.output} summary")
@@ -195,9 +230,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from videoindex.runner import job_config_from_output, run_job
 
-    overrides = {"execution.actors": args.actors, "execution.batch_size": args.batch_size, "execution.address": args.address}
+    overrides = {
+        "execution.actors": args.actors,
+        "execution.batch_size": args.batch_size,
+        "execution.address": args.address,
+    }
     config = job_config_from_output(args.output, _storage_options(args.storage_option), **overrides)
-    result = run_job(config, resume=True, progress=not args.no_progress)
+    result = run_job(config, resume=True, retry_failed=args.retry_failed, retry_all_errors=args.retry_all and args.retry_failed,
+                     progress=not args.no_progress)  # fmt: skip
     _print_summary(result.summary, config.model.random_weights)
     return result.exit_code
 
@@ -254,4 +294,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

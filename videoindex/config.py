@@ -51,7 +51,9 @@ class SamplingConfig:
 class DecodeConfig:
     """How frames are read. decord by default; PyAV is the second decoder behind the same interface."""
 
-    decoder: Literal["decord", "pyav"] = "decord"
+    decoder: str = (
+        "decord"  # decord | pyav | "package.module:open_function" (same signature as decode.open_video)
+    )
     fallback_to_pyav: bool = True  # when decord cannot open a file PyAV can (recorded per video)
     timeout_s: float = 600.0  # per decode task (one chunk of clips of one video)
     chunk_clips: int = 16  # clips decoded per task: bounds memory for long videos
@@ -186,7 +188,9 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
         path = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{path}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}")
+                raise ConfigError(
+                    f"{path}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}"
+                )
             kwargs[key] = _build(tp, value, path)
         else:
             kwargs[key] = _convert(tp, value, path)
@@ -229,7 +233,14 @@ def validate(config: JobConfig) -> None:
         (s.clips_per_video >= 1, "sampling.clips_per_video must be >= 1"),
         (s.temporal_views >= 1, "sampling.temporal_views must be >= 1"),
         (s.spatial_crops in (1, 3), "sampling.spatial_crops must be 1 or 3"),
-        (s.max_clips_per_video is None or s.max_clips_per_video >= 1, "sampling.max_clips_per_video must be >= 1"),
+        (
+            s.max_clips_per_video is None or s.max_clips_per_video >= 1,
+            "sampling.max_clips_per_video must be >= 1",
+        ),
+        (
+            d.decoder in ("decord", "pyav") or ":" in d.decoder,
+            "decode.decoder must be decord, pyav or module:function",
+        ),
         (d.timeout_s > 0, "decode.timeout_s must be > 0 seconds"),
         (d.chunk_clips >= 1, "decode.chunk_clips must be >= 1"),
         (config.model.top_k >= 1, "model.top_k must be >= 1"),

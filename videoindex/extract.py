@@ -83,13 +83,18 @@ def _clip_times(spec: ClipSpec, stamps: dict[int, float], fps: float) -> tuple[f
     return float(start), float(end)
 
 
-def _decode_clips(reader: Any, clips: tuple[ClipSpec, ...], settings: ExtractSettings, result: ExtractResult) -> None:
+def _decode_clips(
+    reader: Any, clips: tuple[ClipSpec, ...], settings: ExtractSettings, result: ExtractResult
+) -> None:
     wanted = sorted({i for c in clips for i in c.frame_indices})
     frames, stamps = reader.read(wanted)
     position = {idx: k for k, idx in enumerate(wanted)}
     stamp_of = {idx: float(stamps[k]) for k, idx in enumerate(wanted)}
     fps = reader.meta.fps
-    out = np.empty((len(clips), settings.clip_len, settings.preprocess.crop_size, settings.preprocess.crop_size, 3), np.uint8)
+    out = np.empty(
+        (len(clips), settings.clip_len, settings.preprocess.crop_size, settings.preprocess.crop_size, 3),
+        np.uint8,
+    )
     for n, spec in enumerate(clips):
         clip = frames[[position[i] for i in spec.frame_indices]]
         out[n] = resize_and_crop(clip, settings.preprocess, crop_position=spec.spatial_crop)
@@ -97,6 +102,16 @@ def _decode_clips(reader: Any, clips: tuple[ClipSpec, ...], settings: ExtractSet
         if settings.thumbnails:
             result.thumbnails.append(_thumbnail(clip[len(clip) // 2]))
     result.frames = out
+
+
+def opener(decoder: str) -> Any:
+    """The function that opens a video: decode.open_video, or a plug-in "module:function"."""
+    if ":" not in decoder:
+        return open_video
+    import importlib
+
+    module, _, name = decoder.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def extract(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult:
@@ -112,7 +127,11 @@ def extract(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult
             result.size_bytes = info.get("size")
         if result.size_bytes == 0:
             raise DecodeError("empty_file", "open", f"{request.video.uri} is an empty file (0 bytes)")
-        with open_video(path, decoder=settings.decode.decoder, fs=fs, fallback_to_pyav=settings.decode.fallback_to_pyav) as reader:
+        decoder = settings.decode.decoder if ":" not in settings.decode.decoder else "decord"
+        open_fn = opener(settings.decode.decoder)
+        with open_fn(
+            path, decoder=decoder, fs=fs, fallback_to_pyav=settings.decode.fallback_to_pyav
+        ) as reader:
             result.meta = reader.meta
             if reader.fallback is not None:
                 result.recovered.append(reader.fallback)
@@ -127,7 +146,9 @@ def extract(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult
     except DecodeError as exc:
         result.error = exc
     except Exception as exc:  # a bad video must become a row, not a crashed shard
-        result.error = classify_error(exc, size_bytes=result.size_bytes, stage="decode" if result.meta else "open")
+        result.error = classify_error(
+            exc, size_bytes=result.size_bytes, stage="decode" if result.meta else "open"
+        )
     if result.error is not None:
         result.frames = None
         log.info("decode failed for %s: %s: %s", request.video.uri, result.error.error_type, result.error)
@@ -139,6 +160,8 @@ def follow_up_requests(first: ExtractResult, chunk_clips: int) -> list[ExtractRe
     """The requests for the clips chunk 0 did not decode."""
     rest = first.all_clips[len(first.clips) :]
     return [
-        ExtractRequest(video=first.request.video, chunk=1 + n // chunk_clips, clips=tuple(rest[n : n + chunk_clips]))
+        ExtractRequest(
+            video=first.request.video, chunk=1 + n // chunk_clips, clips=tuple(rest[n : n + chunk_clips])
+        )
         for n in range(0, len(rest), chunk_clips)
     ]

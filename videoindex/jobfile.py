@@ -41,7 +41,9 @@ def model_record(info: Any) -> dict[str, Any]:
         "preprocess": dataclasses.asdict(info.preprocess),
     }
     if info.random_weights:
-        record["warning"] = "RANDOM WEIGHTS: labels and embeddings are meaningless; for demos and benchmarks only"
+        record["warning"] = (
+            "RANDOM WEIGHTS: labels and embeddings are meaningless; for demos and benchmarks only"
+        )
     return record
 
 

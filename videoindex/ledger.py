@@ -83,11 +83,21 @@ class Ledger:
 
     def started(self, shard: int, attempt: int, info: dict[str, Any]) -> None:
         record = {"shard": shard, "attempt": attempt, "event": "started", "time": time.time(), **info}
-        storage.write_json(self.fs, self._path("attempts", f"shard-{shard_name(shard)}.a{attempt:02d}.started.json"), record)
+        storage.write_json(
+            self.fs, self._path("attempts", f"shard-{shard_name(shard)}.a{attempt:02d}.started.json"), record
+        )
 
     def attempt_failed(self, shard: int, attempt: int, reason: str, final: bool) -> None:
-        record = {"shard": shard, "attempt": attempt, "event": "failed", "time": time.time(), "reason": reason}
-        storage.write_json(self.fs, self._path("attempts", f"shard-{shard_name(shard)}.a{attempt:02d}.failed.json"), record)
+        record = {
+            "shard": shard,
+            "attempt": attempt,
+            "event": "failed",
+            "time": time.time(),
+            "reason": reason,
+        }
+        storage.write_json(
+            self.fs, self._path("attempts", f"shard-{shard_name(shard)}.a{attempt:02d}.failed.json"), record
+        )
         if final:
             storage.write_json(self.fs, self._path("failed", f"shard-{shard_name(shard)}.json"), record)
 

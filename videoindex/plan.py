@@ -82,7 +82,12 @@ def _listing_rows(fs: Any, found: dict[str, dict[str, Any]], cfg: InputConfig) -
         if info.get("type") == "directory" or not _has_extension(path, cfg.extensions):
             continue
         rows.append(
-            {"uri": normalise_uri(fs, path), "size_bytes": info.get("size"), "mtime": _mtime(info), "extra": None}
+            {
+                "uri": normalise_uri(fs, path),
+                "size_bytes": info.get("size"),
+                "mtime": _mtime(info),
+                "extra": None,
+            }
         )
     return rows
 

@@ -43,7 +43,9 @@ class JobProgress:
 
     def __enter__(self) -> JobProgress:
         self.progress.start()
-        self.task = self.progress.add_task("index", total=None, clips=0, rate="-", errors=0, shards=f"0/{self.shards}")
+        self.task = self.progress.add_task(
+            "index", total=None, clips=0, rate="-", errors=0, shards=f"0/{self.shards}"
+        )
         return self
 
     def __exit__(self, *exc: Any) -> None:

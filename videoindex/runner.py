@@ -25,12 +25,12 @@ from videoindex import __version__, plan, storage
 from videoindex.config import JobConfig
 from videoindex.decode import DecodeError
 from videoindex.extract import ExtractRequest, ExtractResult, ExtractSettings, extract
-from videoindex.jobfile import check_compatible, job_record, read_job, refuse_foreign_tables, JOB_FILE
+from videoindex.jobfile import JOB_FILE, check_compatible, job_record, read_job, refuse_foreign_tables
 from videoindex.ledger import Ledger
 from videoindex.model import ModelInfo, VideoClassifier, resolve_model
 from videoindex.schema import shard_name
-from videoindex.shard import index_shard
-from videoindex.write import file_metadata, write_shard_tables
+from videoindex.shard import index_shard, replace_videos, stats_from_tables
+from videoindex.write import file_metadata, read_shard_tables, write_shard_tables
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,29 @@ def _extract_task(request: ExtractRequest, settings: ExtractSettings) -> Extract
     return extract(request, settings)
 
 
-def ray_extract_window(settings: ExtractSettings, config: JobConfig, counters: dict[str, int]):
+class _Metrics:
+    """Ray metrics (exported to the dashboard / Prometheus): clips/s, queue depth, latencies."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        bounds = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300]
+        self.clips = metrics.Counter("videoindex_clips", description="clips decoded and classified")
+        self.videos = metrics.Counter(
+            "videoindex_videos", description="videos finished", tag_keys=("status",)
+        )
+        self.queue = metrics.Gauge("videoindex_decode_in_flight", description="decode tasks in flight")
+        self.decode = metrics.Histogram(
+            "videoindex_decode_latency_s", description="decode seconds per task", boundaries=bounds
+        )
+        self.infer = metrics.Histogram(
+            "videoindex_infer_latency_s", description="model seconds per batch", boundaries=bounds
+        )
+
+
+def ray_extract_window(
+    settings: ExtractSettings, config: JobConfig, counters: dict[str, int], metrics: _Metrics | None = None
+):
     """A run_extracts for index_shard: a bounded, ordered window of Ray decode tasks with a timeout.
 
     The timeout clock of a task starts when it reaches the head of the window (the tasks before it are
@@ -81,16 +103,28 @@ def ray_extract_window(settings: ExtractSettings, config: JobConfig, counters: d
             ready, _ = ray.wait([ref], timeout=timeout)
             if not ready:
                 ray.cancel(ref, force=True)
-                error = DecodeError("timeout", "decode", f"decoding took longer than {timeout:g} s; worker killed")
+                error = DecodeError(
+                    "timeout", "decode", f"decoding took longer than {timeout:g} s; worker killed"
+                )
                 result = ExtractResult(request=request, error=error)
             else:
                 try:
                     result = ray.get(ref)
                 except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayTaskError) as exc:
                     text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                    result = ExtractResult(request=request, error=DecodeError("decoder_crash", "decode", f"decode worker died: {text}"))
+                    result = ExtractResult(
+                        request=request,
+                        error=DecodeError("decoder_crash", "decode", f"decode worker died: {text}"),
+                    )
             counters["chunks"] += 1
             counters["clips"] += len(result.clips)
+            if metrics is not None:
+                metrics.queue.set(len(window))
+                metrics.decode.observe(result.decode_s)
+                if result.clips:
+                    metrics.clips.inc(len(result.clips))
+                if request.chunk == 0:
+                    metrics.videos.inc(1, tags={"status": "error" if result.error else "ok"})
             if result.error is not None and request.chunk == 0:
                 counters["errors"] += 1
             if request.chunk == 0:
@@ -103,14 +137,19 @@ def ray_extract_window(settings: ExtractSettings, config: JobConfig, counters: d
 class _LockedClassifier:
     """Lets two shard threads of one actor share one model copy, one batch at a time."""
 
-    def __init__(self, classifier: VideoClassifier) -> None:
+    def __init__(self, classifier: VideoClassifier, metrics: _Metrics | None = None) -> None:
         self.classifier = classifier
         self.info = classifier.info
         self.lock = threading.Lock()
+        self.metrics = metrics
 
     def __call__(self, clips: Any) -> Any:
         with self.lock:
-            return self.classifier(clips)
+            started = time.perf_counter()
+            out = self.classifier(clips)
+            if self.metrics is not None:
+                self.metrics.infer.observe(time.perf_counter() - started)
+            return out
 
 
 class ModelActor:
@@ -125,26 +164,43 @@ class ModelActor:
         self.job = job
         info = resolve_model(job.config.model, job.config.preprocess)
         if info.weights_sha256 != job.model.weights_sha256:
-            raise RuntimeError(f"model weights on this node differ from the driver's ({info.weights_sha256} != {job.model.weights_sha256})")
-        self.classifier = _LockedClassifier(VideoClassifier(info, job.config.model))
+            raise RuntimeError(
+                f"model weights on this node differ from the driver's ({info.weights_sha256} != {job.model.weights_sha256})"
+            )
+        self.metrics = _Metrics()
+        self.classifier = _LockedClassifier(VideoClassifier(info, job.config.model), self.metrics)
         self.fs, self.root = storage.filesystem(job.output_root, job.config.output.storage_options)
         self.ledger = Ledger(self.fs, self.root)
         self.counters = {"videos": 0, "clips": 0, "errors": 0, "chunks": 0}
         self.metadata = file_metadata(info, __version__)
 
-    def index(self, shard: int, attempt: int) -> dict[str, Any]:
+    def index(self, shard: int, attempt: int, video_ids: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Index a shard (or only ``video_ids`` of a committed shard), write it, commit it."""
         context = ray.get_runtime_context()
         where = {"node": context.get_node_id(), "actor": context.get_actor_id(), "pid": os.getpid()}
-        self.ledger.started(shard, attempt, where)
+        self.ledger.started(
+            shard, attempt, {**where, "videos_retried": len(video_ids) if video_ids else None}
+        )
         started = time.time()
         tasks = plan.shard_tasks(plan.read_plan(self.fs, self.root, shard))
+        if video_ids is not None:
+            self.ledger.uncommit(shard)  # readers stop seeing the shard until its new files are committed
+            previous = read_shard_tables(self.fs, self.root, shard)
+            tasks = [t for t in tasks if t.video_id in set(video_ids)]
         log.info("[shard %s] attempt %d: %d videos", shard_name(shard), attempt, len(tasks))
-        run = ray_extract_window(self.job.settings, self.job.config, self.counters)
-        out = index_shard(tasks, self.job.settings, self.classifier, batch_size=self.job.config.execution.batch_size, run_extracts=run)
-        written = write_shard_tables(self.fs, self.root, shard, out.tables, metadata=self.metadata,
+        run = ray_extract_window(self.job.settings, self.job.config, self.counters, self.metrics)
+        out = index_shard(
+            tasks,
+            self.job.settings,
+            self.classifier,
+            batch_size=self.job.config.execution.batch_size,
+            run_extracts=run,
+        )
+        tables = out.tables if video_ids is None else replace_videos(previous, out.tables, video_ids)
+        written = write_shard_tables(self.fs, self.root, shard, tables, metadata=self.metadata,
                                      clips_row_group_size=self.job.config.output.clips_row_group_size)  # fmt: skip
-        stats = {**out.stats, "shard": shard, "attempt": attempt, "started_at": started, "finished_at": time.time(),
-                 "bytes_written": written, **where}  # fmt: skip
+        stats = {**out.stats, **stats_from_tables(tables), "shard": shard, "attempt": attempt, "started_at": started,
+                 "finished_at": time.time(), "bytes_written": written, **where}  # fmt: skip
         self.ledger.commit(shard, stats)
         log.info("[shard %s] committed: %s", shard_name(shard), stats)
         return stats
@@ -202,7 +258,7 @@ class _Dispatcher:
         )
         self.actors = [self.actor_cls.remote(job) for _ in range(actors)]
         self.load = [0] * actors
-        self.inflight: dict[Any, tuple[int, int, int]] = {}
+        self.inflight: dict[Any, tuple[int, int, int, tuple[str, ...] | None]] = {}
         self.committed: list[dict[str, Any]] = []
         self.failed: dict[int, str] = {}
 
@@ -210,12 +266,17 @@ class _Dispatcher:
         limit = self.job.config.execution.shards_per_actor
         for n in sorted(range(len(self.actors)), key=lambda i: self.load[i]):
             while queue and self.load[n] < limit:
-                shard, attempt = queue.popleft()
-                self.inflight[self.actors[n].index.remote(shard, attempt)] = (shard, attempt, n)
+                shard, attempt, video_ids = queue.popleft()
+                self.inflight[self.actors[n].index.remote(shard, attempt, video_ids)] = (
+                    shard,
+                    attempt,
+                    n,
+                    video_ids,
+                )
                 self.load[n] += 1
 
     def _settle(self, ref: Any, queue: deque) -> None:
-        shard, attempt, n = self.inflight.pop(ref)
+        shard, attempt, n, video_ids = self.inflight.pop(ref)
         self.load[n] -= 1
         try:
             self.committed.append(ray.get(ref))
@@ -225,12 +286,18 @@ class _Dispatcher:
         except ray.exceptions.RayTaskError as exc:
             reason = f"shard failed: {str(exc).strip().splitlines()[-1]}"
         final = attempt >= self.job.config.execution.max_attempts
-        log.warning("[shard %s] attempt %d failed (%s)%s", shard_name(shard), attempt, reason, "; giving up" if final else "; retrying")
+        log.warning(
+            "[shard %s] attempt %d failed (%s)%s",
+            shard_name(shard),
+            attempt,
+            reason,
+            "; giving up" if final else "; retrying",
+        )
         self.ledger.attempt_failed(shard, attempt, reason, final=final)
         if final:
             self.failed[shard] = reason
         else:
-            queue.append((shard, attempt + 1))
+            queue.append((shard, attempt + 1, video_ids))
 
     def progress(self) -> dict[str, int]:
         total = {"videos": 0, "clips": 0, "errors": 0}
@@ -256,11 +323,50 @@ class _Dispatcher:
 def _pending_shards(ledger: Ledger, shards: int, *, rerun: bool) -> deque:
     view = ledger.view()
     done = set() if rerun else view.committed()
-    return deque((s, view.state(s).attempts + 1) for s in range(shards) if s not in done)
+    return deque((s, view.state(s).attempts + 1, None) for s in range(shards) if s not in done)
 
 
-def run_job(config: JobConfig, *, resume: bool = False, rerun: bool = False, progress: bool | None = None) -> JobResult:
-    """Run (or continue) an indexing job; returns the exit code and a summary."""
+RETRYABLE_ERRORS = ("timeout", "storage", "decoder_crash", "out_of_memory")
+
+
+def failed_videos(fs: Any, root: str, shards: set[int], *, all_errors: bool) -> dict[int, tuple[str, ...]]:
+    """Video ids with status=error per committed shard (retryable error types only, unless all_errors)."""
+    import pyarrow.dataset as pads
+
+    from videoindex.schema import table_file
+
+    if not shards:
+        return {}
+    files = [storage.join(root, table_file("videos", s)) for s in sorted(shards)]
+    dataset = pads.dataset(
+        files,
+        filesystem=fs,
+        partitioning=pads.partitioning(flavor="hive"),
+        partition_base_dir=storage.join(root, "videos"),
+    )
+    rows = dataset.to_table(columns=["video_id", "status", "error_type", "shard"]).to_pylist()
+    found: dict[int, list[str]] = {}
+    for row in rows:
+        if row["status"] == "error" and (all_errors or row["error_type"] in RETRYABLE_ERRORS):
+            found.setdefault(int(row["shard"]), []).append(row["video_id"])
+    return {s: tuple(sorted(ids)) for s, ids in found.items()}
+
+
+def run_job(
+    config: JobConfig,
+    *,
+    resume: bool = False,
+    rerun: bool = False,
+    retry_failed: bool = False,
+    retry_all_errors: bool = False,
+    progress: bool | None = None,
+) -> JobResult:
+    """Run (or continue) an indexing job; returns the exit code and a summary.
+
+    resume: the OUTPUT must already hold this job. rerun: re-process committed shards too.
+    retry_failed: also re-index the failed videos of committed shards (retryable error types, or all
+    with retry_all_errors) and replace their rows.
+    """
     started = time.time()
     info = resolve_model(config.model, config.preprocess)
     if info.random_weights:
@@ -270,6 +376,10 @@ def run_job(config: JobConfig, *, resume: bool = False, rerun: bool = False, pro
     shards = _resolve_plan(config, info, fs, root, must_exist=resume)
     ledger = Ledger(fs, root)
     queue = _pending_shards(ledger, shards, rerun=rerun)
+    if retry_failed or retry_all_errors:
+        view = ledger.view()
+        for shard, ids in failed_videos(fs, root, view.committed(), all_errors=retry_all_errors).items():
+            queue.append((shard, view.state(shard).attempts + 1, ids))
     settings = ExtractSettings(
         sampling=config.sampling, decode=config.decode, preprocess=info.preprocess, clip_len=info.num_frames,
         storage_options=dict(config.input.storage_options), thumbnails=config.output.thumbnails,
@@ -282,7 +392,9 @@ def run_job(config: JobConfig, *, resume: bool = False, rerun: bool = False, pro
         dispatcher = _Dispatcher(job, ledger, min(actors, len(queue)), num_gpus)
         from videoindex.progress import JobProgress
 
-        with JobProgress(config, ledger, shards, enabled=config.execution.progress if progress is None else progress) as bar:
+        with JobProgress(
+            config, ledger, shards, enabled=config.execution.progress if progress is None else progress
+        ) as bar:
             dispatcher.run(queue, bar.tick)
         result.summary["failed_shards"] = dict(dispatcher.failed)
     result.summary.update(summarize(ledger, shards))
@@ -310,7 +422,9 @@ def summarize(ledger: Ledger, shards: int) -> dict[str, Any]:
     }
 
 
-def job_config_from_output(output: str, storage_options: dict[str, Any] | None = None, **overrides: Any) -> JobConfig:
+def job_config_from_output(
+    output: str, storage_options: dict[str, Any] | None = None, **overrides: Any
+) -> JobConfig:
     """Rebuild a job's config from its _job.json (for resume); secrets come from storage_options."""
     from videoindex.config import load_config
 
@@ -329,5 +443,3 @@ def job_config_from_output(output: str, storage_options: dict[str, Any] | None =
             flat["input.storage_options"] = storage_options
     flat.update({k: v for k, v in overrides.items() if v is not None})
     return load_config(None, flat)
-
-

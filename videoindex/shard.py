@@ -67,7 +67,7 @@ class _Batcher:
         self.infer_s = 0.0
 
     def add(self, state: _VideoState, rows: list[dict[str, Any]], frames: np.ndarray) -> None:
-        for row, clip in zip(rows, frames):
+        for row, clip in zip(rows, frames, strict=True):
             self.frames.append(clip)
             self.owners.append((state, row))
             if len(self.frames) == self.batch_size:
@@ -80,7 +80,12 @@ class _Batcher:
         out = self.classifier(np.stack(self.frames))
         self.infer_s += time.perf_counter() - started
         for n, (state, row) in enumerate(self.owners):
-            row.update(logits=out.logits[n], embedding=out.embeddings[n], topk_ids=out.topk_ids[n], topk_scores=out.topk_scores[n])
+            row.update(
+                logits=out.logits[n],
+                embedding=out.embeddings[n],
+                topk_ids=out.topk_ids[n],
+                topk_scores=out.topk_scores[n],
+            )
             state.probs.append(out.probs[n])
         self.frames, self.owners = [], []
 
@@ -213,7 +218,9 @@ def _video_row(state: _VideoState, info: Any) -> dict[str, Any]:
     mean = np.mean(np.stack(state.probs), axis=0) if state.probs else None
     if mean is not None:
         best = int(np.argmax(mean))
-        row.update(num_clips=len(state.clips), label=info.id2label[best], label_id=best, score=float(mean[best]))
+        row.update(
+            num_clips=len(state.clips), label=info.id2label[best], label_id=best, score=float(mean[best])
+        )
     return row
 
 
@@ -243,3 +250,40 @@ def _errors_table(states: Iterable[_VideoState]) -> pa.Table:
 
 def describe(stats: dict[str, Any]) -> str:
     return json.dumps(stats, sort_keys=True)
+
+
+TABLE_ORDER = {"clips": [("uri", "ascending"), ("clip_index", "ascending")], "videos": [("uri", "ascending")],
+               "errors": [("uri", "ascending")]}  # fmt: skip
+
+
+def replace_videos(
+    old: dict[str, pa.Table], new: dict[str, pa.Table], video_ids: Iterable[str]
+) -> dict[str, pa.Table]:
+    """A shard's tables with the rows of ``video_ids`` replaced by freshly indexed ones.
+
+    Rows end in the order a clean run writes them (sorts are stable), so a retried shard is identical
+    to a shard whose videos all succeeded the first time.
+    """
+    import pyarrow.compute as pc
+
+    ids = pa.array(sorted(set(video_ids)), pa.string())
+    merged = {}
+    for name, table in old.items():
+        table = table.select(new[name].column_names).cast(new[name].schema)
+        kept = table.filter(pc.invert(pc.is_in(table["video_id"], value_set=ids)))
+        merged[name] = pa.concat_tables([kept, new[name]]).sort_by(TABLE_ORDER[name])
+    return merged
+
+
+def stats_from_tables(tables: dict[str, pa.Table]) -> dict[str, Any]:
+    """Video and clip counts of a shard, derived from its tables."""
+    import pyarrow.compute as pc
+
+    videos = tables["videos"]
+    ok = int(pc.sum(pc.equal(videos["status"], STATUS_OK)).as_py() or 0)
+    return {
+        "videos": videos.num_rows,
+        "videos_ok": ok,
+        "videos_error": videos.num_rows - ok,
+        "clips": tables["clips"].num_rows,
+    }

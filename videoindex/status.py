@@ -17,7 +17,9 @@ def job_status(output: str, storage_options: dict[str, Any] | None = None) -> di
     fs, root = storage.filesystem(output, storage_options)
     record = read_job(fs, root)
     if record is None:
-        raise FileNotFoundError(f"{output} has no _job.json: not a videoindex output (or the job never started)")
+        raise FileNotFoundError(
+            f"{output} has no _job.json: not a videoindex output (or the job never started)"
+        )
     ledger = Ledger(fs, root)
     view = ledger.view()
     total = int(record["plan"]["shards"])
@@ -29,7 +31,9 @@ def job_status(output: str, storage_options: dict[str, Any] | None = None) -> di
     counts["pending"] = total - sum(counts.values())
     stats = ledger.committed_stats()
     attempts = ledger.attempt_records()
-    totals = {k: sum(int(s.get(k, 0)) for s in stats) for k in ("videos", "videos_ok", "videos_error", "clips")}
+    totals = {
+        k: sum(int(s.get(k, 0)) for s in stats) for k in ("videos", "videos_ok", "videos_error", "clips")
+    }
     spans = [(s["started_at"], s["finished_at"]) for s in stats if "started_at" in s]
     busy = max(e for _, e in spans) - min(b for b, _ in spans) if spans else 0.0
     rate = totals["clips"] / busy if busy > 0 else None
@@ -43,7 +47,9 @@ def job_status(output: str, storage_options: dict[str, Any] | None = None) -> di
         "shards": {"total": total, **counts},
         **totals,
         "clips_per_s": round(rate, 3) if rate else None,
-        "eta_s": round(remaining / shard_rate, 1) if shard_rate and remaining else (0 if not remaining else None),
+        "eta_s": round(remaining / shard_rate, 1)
+        if shard_rate and remaining
+        else (0 if not remaining else None),
         "failures": [
             {"shard": a["shard"], "attempt": a["attempt"], "reason": a.get("reason")}
             for a in attempts
@@ -61,7 +67,8 @@ def render_status(report: dict[str, Any]) -> str:
         f"shards   {shards['committed']}/{shards['total']} committed, {shards['running']} running, "
         f"{shards['failed']} failed, {shards['pending']} pending  ({report['attempts']} attempts)",
         f"videos   {report['videos']}/{report['videos_planned']} done: {report['videos_ok']} ok, {report['videos_error']} error",
-        f"clips    {report['clips']}" + (f"  ({report['clips_per_s']} clips/s)" if report["clips_per_s"] else ""),
+        f"clips    {report['clips']}"
+        + (f"  ({report['clips_per_s']} clips/s)" if report["clips_per_s"] else ""),
     ]
     if report["eta_s"]:
         lines.append(f"eta      {report['eta_s']:.0f} s")

@@ -25,7 +25,9 @@ TRANSIENT_MARKERS = ("SlowDown", "Throttl", "InternalError", "ServiceUnavailable
                      "Connection reset", "timed out")  # fmt: skip
 
 
-def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(
+    uri: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem of a URI and the path inside it (no trailing slash)."""
     fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
     return fs, path.rstrip("/") or path
@@ -57,7 +59,9 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 5, base_dela
             if attempt == attempts or not is_transient(exc):
                 raise
             delay = base_delay_s * (2 ** (attempt - 1)) * (0.5 + random.random())
-            log.warning("%s: transient error (%s), retry %d/%d in %.2fs", what, exc, attempt, attempts - 1, delay)
+            log.warning(
+                "%s: transient error (%s), retry %d/%d in %.2fs", what, exc, attempt, attempts - 1, delay
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 

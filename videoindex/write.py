@@ -28,7 +28,9 @@ def file_metadata(model_info: Any, version: str) -> dict[bytes, bytes]:
         b"videoindex.schema_version": str(SCHEMA_VERSION).encode(),
         b"videoindex.version": version.encode(),
         b"videoindex.model": model_info.tag.encode(),
-        b"videoindex.label_map": json.dumps({str(k): v for k, v in sorted(model_info.id2label.items())}).encode(),
+        b"videoindex.label_map": json.dumps(
+            {str(k): v for k, v in sorted(model_info.id2label.items())}
+        ).encode(),
     }
 
 

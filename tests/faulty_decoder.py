@@ -1,0 +1,27 @@
+"""A decoder plug-in for fault tests (``decode.decoder: tests.faulty_decoder:open_faulty``).
+
+It opens videos with the real decoder, after misbehaving on request: a sibling file ``VIDEO.hang``
+makes it sleep forever, ``VIDEO.crash`` kills the worker process, ``VIDEO.slow`` (or the env var
+VIDEOINDEX_TEST_SLOW_S) sleeps a while first so that a test can kill things mid-shard. Removing the
+sibling file "repairs" the video for a resume.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from videoindex.decode import open_video
+
+
+def open_faulty(path: str, *, decoder: str, fs: Any, fallback_to_pyav: bool) -> Any:
+    if os.path.exists(f"{path}.hang"):
+        while True:
+            time.sleep(3600)
+    if os.path.exists(f"{path}.crash"):
+        os._exit(13)
+    if os.path.exists(f"{path}.slow"):
+        time.sleep(float(Path(f"{path}.slow").read_text() or 1.0))
+    return open_video(path, decoder=decoder, fs=fs, fallback_to_pyav=fallback_to_pyav)

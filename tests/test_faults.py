@@ -1,0 +1,208 @@
+"""Faults on a real local multi-node Ray cluster: the final tables equal a clean run's, bit for bit.
+
+Each test runs the same job as a clean reference run (same input, same settings) into its own output,
+injects one fault in the middle, and compares the table files byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, SAMPLES
+from videoindex import storage
+from videoindex.config import load_config
+from videoindex.ledger import Ledger
+from videoindex.runner import run_job
+from videoindex.status import job_status
+
+pytestmark = pytest.mark.slow
+
+VIDEOS = 6
+DECODER = "tests.faulty_decoder:open_faulty"
+
+
+def _hashes(output: Path) -> dict[str, str]:
+    files = sorted(p for t in ("clips", "videos", "errors") for p in (output / t).rglob("*.parquet"))
+    return {str(p.relative_to(output)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _config(input_dir: Path, output: Path, model_dir: Path, **extra):
+    return load_config(
+        None,
+        {
+            "input.uri": str(input_dir),
+            "output.uri": str(output),
+            "model.name": str(model_dir),
+            "decode.decoder": DECODER,
+            "output.shard_size": 1,
+            "execution.batch_size": 4,
+            "execution.actors": 2,
+            "execution.actor_num_cpus": 1,
+            "execution.decode_num_cpus": 0.5,
+            "execution.shards_per_actor": 1,
+            "execution.progress": False,
+            **extra,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and two worker nodes; the test may remove a worker node."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [c.add_node(num_cpus=2) for _ in range(2)]
+    ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
+    c.wait_for_nodes()
+    yield c, workers
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def input_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("faults-in")
+    for i in range(VIDEOS):
+        shutil.copy(SAMPLES / "carphone_pristine.mp4", folder / f"video-{i}.mp4")
+        (folder / f"video-{i}.mp4.slow").write_text("1.0")  # each video decodes in >= 1 s
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clean(cluster, input_dir, tiny_model_dir_module, tmp_path_factory) -> dict[str, str]:
+    output = tmp_path_factory.mktemp("clean") / "out"
+    assert run_job(_config(input_dir, output, tiny_model_dir_module)).exit_code == 0
+    hashes = _hashes(output)
+    assert len(hashes) == 3 * VIDEOS
+    return hashes
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir_module(tmp_path_factory):
+    from tests.tinymodel import make_tiny_videomae
+
+    return make_tiny_videomae(tmp_path_factory.mktemp("tiny-faults"))
+
+
+def _run_in_thread(config) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=run_job(config)), daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _wait_started(output: Path, *, timeout: float = 120) -> dict:
+    """The first attempt record of a shard that is running and not yet committed."""
+    fs, root = storage.filesystem(str(output))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ledger = Ledger(fs, root)
+        committed = ledger.view().committed()
+        for record in ledger.attempt_records():
+            if record["event"] == "started" and record["shard"] not in committed:
+                return record
+        time.sleep(0.2)
+    raise AssertionError("no shard started in time")
+
+
+def test_actor_killed_mid_shard(cluster, input_dir, tiny_model_dir_module, clean, tmp_path):
+    output = tmp_path / "out"
+    thread, box = _run_in_thread(_config(input_dir, output, tiny_model_dir_module))
+    record = _wait_started(output)
+    os.kill(record["pid"], signal.SIGKILL)
+    thread.join(300)
+    assert box["result"].exit_code == 0
+    assert _hashes(output) == clean
+    status = job_status(str(output))
+    assert status["shards"]["committed"] == VIDEOS
+    failed = [f for f in status["failures"] if f["shard"] == record["shard"]]
+    assert failed and "actor" in failed[0]["reason"]
+
+
+def test_worker_node_removed(cluster, input_dir, tiny_model_dir_module, clean, tmp_path):
+    c, workers = cluster
+    output = tmp_path / "out"
+    thread, box = _run_in_thread(_config(input_dir, output, tiny_model_dir_module))
+    record = _wait_started(output)
+    victim = next((n for n in workers if n.node_id == record["node"]), None)
+    assert victim is not None, "the actor ran on the head node; the test needs it on a worker"
+    c.remove_node(victim)
+    thread.join(300)
+    assert box["result"].exit_code == 0
+    assert _hashes(output) == clean
+    assert any(f["shard"] == record["shard"] for f in job_status(str(output))["failures"])
+    workers.remove(victim)
+    workers.append(c.add_node(num_cpus=2))
+
+
+def test_hanging_and_crashing_decoder_then_retry_failed(
+    cluster, input_dir, tiny_model_dir_module, clean, tmp_path
+):
+    import pyarrow.dataset as ds
+
+    output = tmp_path / "out"
+    config = _config(input_dir, output, tiny_model_dir_module, **{"decode.timeout_s": 8})
+    hang, crash = input_dir / "video-1.mp4.hang", input_dir / "video-4.mp4.crash"
+    hang.write_text("")
+    crash.write_text("")
+    try:
+        result = run_job(config)
+    finally:
+        hang.unlink()
+        crash.unlink()
+    assert result.exit_code == 1
+    videos = {
+        Path(v["uri"]).name: v
+        for v in ds.dataset(output / "videos", partitioning="hive").to_table().to_pylist()
+    }
+    assert videos["video-1.mp4"]["error_type"] == "timeout"
+    assert "longer than 8 s" in videos["video-1.mp4"]["error_message"]
+    assert videos["video-4.mp4"]["error_type"] == "decoder_crash"
+    assert sum(v["status"] == "ok" for v in videos.values()) == VIDEOS - 2
+    assert _hashes(output) != clean
+
+    again = run_job(config, resume=True, retry_failed=True)  # the "repaired" videos index now
+    assert again.exit_code == 0
+    assert _hashes(output) == clean
+
+
+def test_driver_killed_then_resume(cluster, input_dir, tiny_model_dir_module, clean, tmp_path):
+    c, _ = cluster
+    output = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": c.address, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "videoindex.cli", "run", str(input_dir), str(output), "--model", str(tiny_model_dir_module),
+           "--shard-size", "1", "--actors", "2", "--batch-size", "4", "--no-progress"]  # fmt: skip
+    cfg = output.parent / "job.yaml"
+    cfg.write_text(
+        f"decode: {{decoder: '{DECODER}'}}\nexecution: {{actor_num_cpus: 1, decode_num_cpus: 0.5, shards_per_actor: 1}}\n"
+    )
+    driver = subprocess.Popen([*cmd, "--config", str(cfg)], env=env, cwd=REPO)
+    fs, root = storage.filesystem(str(output))
+    deadline = time.time() + 120
+    while time.time() < deadline and len(Ledger(fs, root).view().committed()) < 2:
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(30)
+    committed = Ledger(fs, root).view().committed()
+    assert 2 <= len(committed) < VIDEOS, "the driver must die mid-job"
+    resume = subprocess.run(
+        [sys.executable, "-m", "videoindex.cli", "resume", str(output), "--no-progress"], env=env, cwd=REPO
+    )
+    assert resume.returncode == 0
+    assert _hashes(output) == clean
+    status = job_status(str(output))
+    assert status["shards"]["committed"] == VIDEOS and status["shards"]["running"] == 0

@@ -1,0 +1,160 @@
+"""End to end on a real local Ray: real videos in, real Parquet out, read back by three engines."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from videoindex.sampling import plan_clips
+
+from tests.conftest import SAMPLES
+from videoindex.config import load_config
+from videoindex.jobfile import JobMismatchError
+from videoindex.runner import EXIT_VIDEOS_FAILED, run_job
+from videoindex.schema import VIDEOS_SCHEMA, clips_schema
+from videoindex.status import job_status
+
+
+def _config(input_uri: str, output: Path, model_dir: Path, **extra):
+    overrides = {
+        "input.uri": input_uri,
+        "output.uri": str(output),
+        "model.name": str(model_dir),
+        "output.shard_size": 2,
+        "execution.batch_size": 4,
+        "execution.actor_num_cpus": 0.5,
+        "execution.decode_num_cpus": 0.5,
+        "execution.progress": False,
+        **extra,
+    }
+    return load_config(None, overrides)
+
+
+def _table_hashes(output: Path) -> dict[str, str]:
+    files = sorted(p for t in ("clips", "videos", "errors") for p in (output / t).rglob("*.parquet"))
+    return {str(p.relative_to(output)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture()
+def messy_input(tmp_path: Path) -> Path:
+    """Two real videos, an empty file, a text file named .mp4, random bytes."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("demo.mp4", "carphone_pristine.mp4"):
+        shutil.copy(SAMPLES / name, folder / name)
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "notes.mp4").write_text("this is not a video\n" * 50)
+    (folder / "noise.mkv").write_bytes(bytes(range(256)) * 64)
+    return folder
+
+
+def test_index_folder_end_to_end(ray_session, tiny_model_dir, messy_input, tmp_path):
+    output = tmp_path / "out"
+    config = _config(str(messy_input), output, tiny_model_dir)
+    result = run_job(config)
+    assert result.exit_code == EXIT_VIDEOS_FAILED  # some videos failed, the job finished
+    assert result.summary["shards_committed"] == 3
+
+    videos = ds.dataset(output / "videos", partitioning="hive").to_table().to_pylist()
+    by_name = {Path(v["uri"]).name: v for v in videos}
+    assert sorted(by_name) == ["carphone_pristine.mp4", "demo.mp4", "empty.mp4", "noise.mkv", "notes.mp4"]
+    assert by_name["empty.mp4"]["error_type"] == "empty_file"
+    assert by_name["notes.mp4"]["error_type"] == "not_a_video"
+    assert by_name["noise.mkv"]["error_type"] == "not_a_video"
+    for bad in ("empty.mp4", "notes.mp4", "noise.mkv"):
+        assert by_name[bad]["status"] == "error" and by_name[bad]["error_message"]
+        assert by_name[bad]["num_clips"] == 0
+
+    clips = ds.dataset(output / "clips", partitioning="hive").to_table()
+    for name, frames in (("demo.mp4", 280), ("carphone_pristine.mp4", 120)):
+        video = by_name[name]
+        assert video["status"] == "ok" and video["frames"] == frames and video["decoder"] == "decord"
+        expected = plan_clips(frames, config.sampling, 16)
+        rows = [c for c in clips.to_pylist() if c["video_id"] == video["video_id"]]
+        assert video["num_clips"] == len(rows) == len(expected)
+        assert [r["frame_indices"] for r in rows] == [list(c.frame_indices) for c in expected]
+        for row in rows:
+            assert row["start_s"] == pytest.approx(row["frame_indices"][0] / video["fps"], abs=1e-3)
+            assert row["topk_labels"][0] == row["label"] and row["topk_scores"][0] == pytest.approx(
+                row["score"]
+            )
+            assert len(row["logits"]) == 7 and len(row["embedding"]) == 32
+        assert video["label"] in {f"label_{i}" for i in range(7)}
+
+
+def test_schema_metadata_and_three_readers(ray_session, tiny_model_dir, sample_videos, tmp_path):
+    output = tmp_path / "out"
+    assert run_job(_config(str(sample_videos), output, tiny_model_dir)).exit_code == 0
+    clip_file = next((output / "clips").rglob("*.parquet"))
+    schema = pq.read_schema(clip_file)
+    assert schema.remove_metadata().equals(clips_schema(7, 32))
+    meta = schema.metadata
+    assert json.loads(meta[b"videoindex.label_map"])["3"] == "label_3"
+    assert meta[b"videoindex.model"].decode() == str(tiny_model_dir)
+    assert (
+        pq.read_schema(next((output / "videos").rglob("*.parquet"))).remove_metadata().equals(VIDEOS_SCHEMA)
+    )
+
+    arrow = ds.dataset(output / "clips", partitioning="hive").to_table()
+    assert arrow.schema.field("shard").type.bit_width >= 32
+    duck = duckdb.sql(
+        f"select count(*), count(distinct video_id) from read_parquet('{output}/clips/*/*.parquet', hive_partitioning=true)"
+    ).fetchone()
+    polars = (
+        pl.scan_parquet(f"{output}/clips/**/*.parquet", hive_partitioning=True)
+        .select(pl.len())
+        .collect()
+        .item()
+    )
+    assert duck == (arrow.num_rows, 2) and polars == arrow.num_rows
+
+    job = json.loads((output / "_job.json").read_text())
+    assert job["model"]["random_weights"] is False and job["model"]["weights_sha256"]
+    assert job["model"]["id2label"]["0"] == "label_0"
+    assert job["config"]["sampling"]["strategy"] == "sliding"
+    status = job_status(str(output))
+    assert status["shards"]["committed"] == status["shards"]["total"] == 1
+    assert status["clips"] == arrow.num_rows
+
+
+def test_rerun_is_byte_identical_and_other_settings_refused(
+    ray_session, tiny_model_dir, sample_videos, tmp_path
+):
+    output = tmp_path / "out"
+    run_job(_config(str(sample_videos), output, tiny_model_dir))
+    first = _table_hashes(output)
+    assert len(first) == 3
+    again = run_job(
+        _config(str(sample_videos), output, tiny_model_dir, **{"execution.actors": 2}), rerun=True
+    )
+    assert again.summary["shards_to_run"] == 1
+    assert _table_hashes(output) == first
+
+    other = tmp_path / "other"
+    run_job(_config(str(sample_videos), other, tiny_model_dir))
+    assert _table_hashes(other) == first  # same input, same settings, another output: same bytes
+
+    with pytest.raises(JobMismatchError, match="sampling"):
+        run_job(_config(str(sample_videos), output, tiny_model_dir, **{"sampling.clip_stride": 2}))
+
+
+def test_missing_file_in_manifest_is_a_row(ray_session, tiny_model_dir, sample_videos, tmp_path):
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{sample_videos}/demo.mp4\n{sample_videos}/gone.mp4\n")
+    output = tmp_path / "out"
+    result = run_job(_config(str(manifest), output, tiny_model_dir))
+    assert result.exit_code == EXIT_VIDEOS_FAILED
+    videos = {
+        Path(v["uri"]).name: v
+        for v in ds.dataset(output / "videos", partitioning="hive").to_table().to_pylist()
+    }
+    assert videos["gone.mp4"]["error_type"] == "not_found"
+    assert "gone.mp4" in videos["gone.mp4"]["error_message"]
+    assert videos["demo.mp4"]["status"] == "ok"
