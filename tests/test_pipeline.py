@@ -12,12 +12,12 @@ import polars as pl
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from videoindex.sampling import plan_clips
 
 from tests.conftest import SAMPLES
 from videoindex.config import load_config
 from videoindex.jobfile import JobMismatchError
 from videoindex.runner import EXIT_VIDEOS_FAILED, run_job
+from videoindex.sampling import plan_clips
 from videoindex.schema import VIDEOS_SCHEMA, clips_schema
 from videoindex.status import job_status
 
@@ -106,7 +106,7 @@ def test_schema_metadata_and_three_readers(ray_session, tiny_model_dir, sample_v
     assert arrow.schema.field("shard").type.bit_width >= 32
     duck = duckdb.sql(
         f"select count(*), count(distinct video_id) from read_parquet('{output}/clips/*/*.parquet', hive_partitioning=true)"
-    ).fetchone()
+    ).fetchall()[0]
     polars = (
         pl.scan_parquet(f"{output}/clips/**/*.parquet", hive_partitioning=True)
         .select(pl.len())

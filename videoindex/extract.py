@@ -23,7 +23,7 @@ from videoindex.config import DecodeConfig, SamplingConfig
 from videoindex.decode import DecodeError, VideoMeta, classify_error, open_video
 from videoindex.plan import VideoTask
 from videoindex.preprocess import PreprocessSpec, resize_and_crop
-from videoindex.sampling import ClipSpec, plan_clips
+from videoindex.sampling import ClipSpec, clip_times, plan_clips
 
 log = logging.getLogger(__name__)
 THUMBNAIL_SHORT_SIDE = 96
@@ -76,13 +76,6 @@ def _thumbnail(frame: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _clip_times(spec: ClipSpec, stamps: dict[int, float], fps: float) -> tuple[float, float]:
-    first, last = spec.frame_indices[0], spec.frame_indices[-1]
-    start = stamps.get(first, first / fps if fps else 0.0)
-    end = stamps.get(last, last / fps if fps else 0.0) + (1.0 / fps if fps else 0.0)
-    return float(start), float(end)
-
-
 def _decode_clips(
     reader: Any, clips: tuple[ClipSpec, ...], settings: ExtractSettings, result: ExtractResult
 ) -> None:
@@ -98,7 +91,7 @@ def _decode_clips(
     for n, spec in enumerate(clips):
         clip = frames[[position[i] for i in spec.frame_indices]]
         out[n] = resize_and_crop(clip, settings.preprocess, crop_position=spec.spatial_crop)
-        result.times_s.append(_clip_times(spec, stamp_of, fps))
+        result.times_s.append(clip_times(spec, stamp_of, fps))
         if settings.thumbnails:
             result.thumbnails.append(_thumbnail(clip[len(clip) // 2]))
     result.frames = out
@@ -133,8 +126,6 @@ def extract(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult
             path, decoder=decoder, fs=fs, fallback_to_pyav=settings.decode.fallback_to_pyav
         ) as reader:
             result.meta = reader.meta
-            if reader.fallback is not None:
-                result.recovered.append(reader.fallback)
             clips = request.clips
             if clips is None:
                 result.all_clips = tuple(plan_clips(reader.meta.frames, settings.sampling, settings.clip_len))
@@ -143,6 +134,9 @@ def extract(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult
                 clips = result.all_clips[: settings.decode.chunk_clips]
             result.clips = clips
             _decode_clips(reader, clips, settings, result)
+            result.meta = reader.meta  # decord may hand over to PyAV inside read(): record the decoder used
+            if reader.fallback is not None:
+                result.recovered.append(reader.fallback)
     except DecodeError as exc:
         result.error = exc
     except Exception as exc:  # a bad video must become a row, not a crashed shard
