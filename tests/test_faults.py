@@ -25,7 +25,7 @@ from videoindex.ledger import Ledger
 from videoindex.runner import run_job
 from videoindex.status import job_status
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.timeout(300)
 
 VIDEOS = 6
 DECODER = "tests.faulty_decoder:open_faulty"
