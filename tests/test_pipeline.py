@@ -158,3 +158,48 @@ def test_missing_file_in_manifest_is_a_row(ray_session, tiny_model_dir, sample_v
     assert videos["gone.mp4"]["error_type"] == "not_found"
     assert "gone.mp4" in videos["gone.mp4"]["error_message"]
     assert videos["demo.mp4"]["status"] == "ok"
+
+
+def test_tables_match_plain_transformers_path(ray_session, sample_videos, tmp_path):
+    """Clips written by a full job (full-size architecture, seeded random weights) agree with the
+    model-card path on the same frames: PIL image processor with the checkpoint's mean/std + model."""
+    import decord
+    import numpy as np
+    import torch
+    from transformers.models.videomae.image_processing_pil_videomae import VideoMAEImageProcessorPil
+
+    from videoindex.config import ModelConfig, PreprocessConfig
+    from videoindex.model import VideoClassifier, resolve_model
+
+    output = tmp_path / "out"
+    config = load_config(
+        None,
+        {"input.uri": str(sample_videos), "output.uri": str(output), "model.random_weights": True,
+         "sampling.max_clips_per_video": 3, "execution.batch_size": 3, "execution.progress": False,
+         "execution.actor_num_cpus": 1, "execution.decode_num_cpus": 0.5, "execution.torch_threads": 2},
+    )  # fmt: skip
+    assert run_job(config).exit_code == 0
+    clips = ds.dataset(output / "clips", partitioning="hive").to_table().to_pylist()
+    assert len(clips) == 2 + 3 and all("RANDOM WEIGHTS" in c["model"] for c in clips)  # carphone: 120 frames, 2 clips
+
+    cfg = ModelConfig(random_weights=True)
+    model = VideoClassifier(resolve_model(cfg, PreprocessConfig()), cfg).model
+    spec_mean, spec_std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    processor = VideoMAEImageProcessorPil(image_mean=spec_mean, image_std=spec_std)
+    cosines, agree = [], []
+    for clip in clips:
+        reader = decord.VideoReader(clip["uri"].removeprefix("file://"))
+        frames = reader.get_batch(clip["frame_indices"]).asnumpy()
+        del reader
+        pixel_values = processor(list(frames), return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            seq = model.videomae(pixel_values).last_hidden_state
+            emb = model.fc_norm(seq.mean(1))
+            logits = model.classifier(emb)
+        ours = torch.tensor(clip["embedding"])[None]
+        cosines.append(float(torch.nn.functional.cosine_similarity(ours, emb)[0]))
+        agree.append(int(logits.argmax(1)[0]) == clip["label_id"])
+        np.testing.assert_allclose(clip["logits"], logits[0].numpy(), atol=0.05)
+    print(f"\nmin cosine {min(cosines):.6f}, top-1 agreement {np.mean(agree):.0%} over {len(clips)} clips")
+    assert min(cosines) >= 0.999
+    assert np.mean(agree) >= 0.95
