@@ -110,7 +110,10 @@ def ray_extract_window(
             else:
                 try:
                     result = ray.get(ref)
-                except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayTaskError) as exc:
+                except ray.exceptions.WorkerCrashedError as exc:
+                    # The process died (segfault, os._exit, OOM kill) even after Ray's retries: the video
+                    # is to blame. An exception raised by extract() itself is a bug or a broken
+                    # environment, not a bad video: it propagates and fails the shard attempt.
                     text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                     result = ExtractResult(
                         request=request,
