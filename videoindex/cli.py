@@ -285,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         from videoindex.jobfile import JobMismatchError
         from videoindex.model import ModelLoadError
         from videoindex.plan import PlanError
+        from videoindex.submit import SubmitError
 
-        if isinstance(exc, (JobMismatchError, ModelLoadError, PlanError)):
+        if isinstance(exc, (JobMismatchError, ModelLoadError, PlanError, SubmitError)):
             print(f"videoindex {args.command}: {exc}", file=sys.stderr)
             return 2
         raise
