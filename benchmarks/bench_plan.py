@@ -45,7 +45,7 @@ def main() -> None:
         t4 = time.perf_counter()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(
-            f"| videos | list s | plan s | write s | total s | read one shard s | peak RSS MB | RSS before MB |"
+            "| videos | list s | plan s | write s | total s | read one shard s | peak RSS MB | RSS before MB |"
         )
         print("|---|---|---|---|---|---|---|---|")
         print(

@@ -76,15 +76,19 @@ def _has_extension(path: str, extensions: tuple[str, ...]) -> bool:
     return any(lowered.endswith(ext.lower()) for ext in extensions)
 
 
-def _listing_rows(fs: Any, found: dict[str, dict[str, Any]], cfg: InputConfig) -> list[dict[str, Any]]:
+def _listing_rows(
+    fs: Any, found: dict[str, dict[str, Any]], cfg: InputConfig, root: str = ""
+) -> list[dict[str, Any]]:
+    """Every listed path named like a video: files, broken links and directories (those become
+    not_a_video rows, so that every input named like a video has its row)."""
     rows = []
     for path, info in found.items():
-        if info.get("type") == "directory" or not _has_extension(path, cfg.extensions):
+        if path.rstrip("/") == root.rstrip("/") or not _has_extension(path, cfg.extensions):
             continue
         rows.append(
             {
                 "uri": normalise_uri(fs, path),
-                "size_bytes": info.get("size"),
+                "size_bytes": None if info.get("type") == "directory" else info.get("size"),
                 "mtime": _mtime(info),
                 "extra": None,
             }
@@ -135,17 +139,36 @@ def _manifest_rows(fs: Any, path: str) -> list[dict[str, Any]]:
 
 
 def list_inputs(cfg: InputConfig) -> list[dict[str, Any]]:
-    """Rows of uri/size_bytes/mtime/extra for a directory (recursive), a glob, or a manifest file."""
+    """Rows of uri/size_bytes/mtime/extra for a directory (recursive), a glob, or a manifest file.
+
+    Raises PlanError, before any work, when the input root is unusable: a missing or denied bucket, a
+    path that does not exist, a glob that matches nothing in a missing bucket.
+    """
     fs, path = storage.filesystem(cfg.uri, cfg.storage_options)
+    try:
+        return _list_inputs(fs, path, cfg)
+    except PermissionError as exc:
+        raise PlanError(
+            f"input {cfg.uri!r}: access denied ({exc}); check the credentials (environment, profile, "
+            "instance role or input.storage_options)"
+        ) from exc
+
+
+def _list_inputs(fs: Any, path: str, cfg: InputConfig) -> list[dict[str, Any]]:
     if any(ch in path for ch in GLOB_CHARS):
         found = storage.with_retries(lambda: fs.glob(path, detail=True), what=f"glob {cfg.uri}")
+        if not found:
+            _refuse_unusable_root(fs, path, cfg.uri)
         return _listing_rows(fs, found, cfg)
     info = storage.with_retries(lambda: _info_or_none(fs, path), what=f"stat {cfg.uri}")
     if info is None:
+        _refuse_unusable_root(fs, path, cfg.uri)
         raise PlanError(f"input {cfg.uri!r} does not exist (pass a directory, a glob, or a manifest file)")
     if info.get("type") == "directory":
-        found = storage.with_retries(lambda: fs.find(path, detail=True), what=f"list {cfg.uri}")
-        return _listing_rows(fs, found, cfg)
+        found = storage.with_retries(
+            lambda: fs.find(path, detail=True, withdirs=True), what=f"list {cfg.uri}"
+        )
+        return _listing_rows(fs, found, cfg, root=path)
     if path.lower().endswith(MANIFEST_SUFFIXES):
         return _manifest_rows(fs, path)
     if _has_extension(path, cfg.extensions):
@@ -154,6 +177,12 @@ def list_inputs(cfg: InputConfig) -> list[dict[str, Any]]:
         f"input {cfg.uri!r} is a file that is neither a video ({', '.join(cfg.extensions)}) "
         f"nor a manifest ({', '.join(MANIFEST_SUFFIXES)})"
     )
+
+
+def _refuse_unusable_root(fs: Any, path: str, uri: str) -> None:
+    problem = storage.root_problem(fs, path)
+    if problem is not None:
+        raise PlanError(f"input {uri!r}: {problem} (check input.uri and input.storage_options)")
 
 
 def _info_or_none(fs: Any, path: str) -> dict[str, Any] | None:

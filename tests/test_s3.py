@@ -1,0 +1,273 @@
+"""Every path of a job against a real S3 server (moto on 127.0.0.1): s3:// in, s3:// out, IAM enforced.
+
+Jobs run on the shared local Ray; its workers reach moto through the endpoint URL and credentials in
+storage_options. Pre-flight failures (missing bucket, no write permission, foreign tables) must come
+before any Ray work.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+
+import botocore.exceptions
+import pyarrow.dataset as pads
+import pytest
+import s3fs
+
+from tests import s3server
+from tests.conftest import SAMPLES
+from tests.s3server import TEST_KEY, TEST_SECRET, FlakyProxy, S3Server, s3_options
+from videoindex import storage
+from videoindex.config import load_config
+from videoindex.jobfile import JobMismatchError
+from videoindex.plan import PlanError, list_inputs
+from videoindex.runner import EXIT_VIDEOS_FAILED, run_job
+from videoindex.status import job_status
+
+s3_server, s3 = s3server.s3_server, s3server.s3  # the moto fixtures
+
+IN, OUT = "videos-in", "index-out"
+TEST_CREDS = (TEST_KEY, TEST_SECRET)
+ALLOW_ALL = [{"Effect": "Allow", "Action": "*", "Resource": "*"}]
+READ_INPUT = [
+    {"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": ["*"]},
+    {"Effect": "Deny", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{IN}/private/*"},
+]
+
+
+def _config(s3: S3Server, input_uri: str, output_uri: str, model_dir, *, reader=TEST_CREDS, writer=TEST_CREDS,
+            **extra):  # fmt: skip
+    return load_config(
+        None,
+        {
+            "input.uri": input_uri,
+            "output.uri": output_uri,
+            "input.storage_options": s3.options(*reader),
+            "output.storage_options": s3.options(*writer),
+            "model.name": str(model_dir),
+            "output.shard_size": 2,
+            "execution.batch_size": 4,
+            "execution.actor_num_cpus": 0.5,
+            "execution.decode_num_cpus": 0.5,
+            "execution.progress": False,
+            "sampling.strategy": "uniform",
+            "sampling.clips_per_video": 2,
+            **extra,
+        },
+    )
+
+
+def _upload_inputs(fs: s3fs.S3FileSystem) -> None:
+    fs.mkdir(IN)
+    fs.put_file(str(SAMPLES / "demo.mp4"), f"{IN}/clips/demo.mp4")
+    fs.put_file(str(SAMPLES / "carphone_pristine.mp4"), f"{IN}/clips/carphone.mp4")
+    fs.put_file(str(SAMPLES / "demo.mp4"), f"{IN}/private/secret.mp4")
+    manifest = (
+        "uri,camera\n"
+        f"s3://{IN}/clips/demo.mp4,front\n"
+        "carphone.mp4,rear\n"  # relative to the manifest
+        f"s3://{IN}/clips/gone.mp4,side\n"
+        f"s3://{IN}/private/secret.mp4,top\n"
+    )
+    fs.pipe_file(f"{IN}/clips/manifest.csv", manifest.encode())
+
+
+def _videos(fs: s3fs.S3FileSystem, output: str) -> list[dict]:
+    fs.invalidate_cache()
+    dataset = pads.dataset(f"{output}/videos", filesystem=fs, partitioning="hive", format="parquet")
+    return dataset.to_table().to_pylist()
+
+
+def test_s3_to_s3_job_resume_status_query_without_leaking_secrets(
+    ray_session, tiny_model_dir, s3, caplog, capsys
+):
+    admin = s3.fs()
+    _upload_inputs(admin)
+    admin.mkdir(OUT)
+    reader, writer = s3.user("reader", READ_INPUT), s3.user("writer", ALLOW_ALL)
+    s3.enforce_iam()  # from here on: signed requests, IAM policies, 403s
+    output = f"s3://{OUT}/job"
+    config = _config(
+        s3, f"s3://{IN}/clips/manifest.csv", output, tiny_model_dir, reader=reader, writer=writer
+    )
+    caplog.set_level(logging.DEBUG, logger="videoindex")
+
+    result = run_job(config)
+    assert result.exit_code == EXIT_VIDEOS_FAILED, result.summary
+    assert result.summary["shards_committed"] == 2 and result.summary["videos"] == 4
+    out = s3.fs(*writer)
+    videos = {row["uri"].rsplit("/", 1)[1]: row for row in _videos(out, f"{OUT}/job")}
+    assert sorted(videos) == ["carphone.mp4", "demo.mp4", "gone.mp4", "secret.mp4"]
+    for name, camera in (("demo.mp4", "front"), ("carphone.mp4", "rear")):
+        assert videos[name]["status"] == "ok" and videos[name]["num_clips"] == 2
+        assert json.loads(videos[name]["extra"]) == {"camera": camera}
+    assert videos["carphone.mp4"]["uri"] == f"s3://{IN}/clips/carphone.mp4"
+    assert videos["gone.mp4"]["error_type"] == "not_found"
+    assert "gone.mp4" in videos["gone.mp4"]["error_message"]
+    assert videos["secret.mp4"]["error_type"] == "permission"
+    assert "forbidden" in videos["secret.mp4"]["error_message"].lower()
+    assert json.loads(videos["gone.mp4"]["extra"]) == {"camera": "side"}
+    clips = pads.dataset(f"{OUT}/job/clips", filesystem=out, partitioning="hive", format="parquet")
+    assert clips.count_rows() == 4
+
+    status = job_status(output, s3.options(*writer))
+    assert status["shards"]["committed"] == status["shards"]["total"] == 2
+    assert status["videos"] == 4 and status["clips"] == 4
+
+    # resume: shard 1 lost its marker and files (a driver died mid-shard); only shard 1 runs again
+    for path in out.find(f"{OUT}/job"):
+        if "shard=00001/" in path or path.endswith("committed/shard-00001.json"):
+            out.rm_file(path)
+    resumed = run_job(config, resume=True)
+    assert resumed.summary["shards_to_run"] == 1 and resumed.summary["shards_committed"] == 2
+    again = _videos(out, f"{OUT}/job")
+    assert sorted(r["video_id"] for r in again) == sorted(r["video_id"] for r in videos.values())
+    assert pads.dataset(f"{OUT}/job/clips", filesystem=out, partitioning="hive").count_rows() == 4
+
+    query = pytest.importorskip("videoindex.query")
+    with query.open_index(output, s3.options(*writer)) as index:
+        summary = index.summary().to_pylist()[0]
+        assert (summary["videos"], summary["videos_error"], summary["clips"]) == (4, 2, 4)
+
+    # secrets never reach _job.json, any object of the output, logs or printed output
+    secrets = [reader[1], writer[1]]
+    job = out.cat_file(f"{OUT}/job/_job.json").decode()
+    assert json.loads(job)["config"]["output"]["storage_options"]["secret"] == "***"
+    printed = capsys.readouterr()
+    for name in out.find(f"{OUT}/job"):
+        blob = out.cat_file(name)
+        assert not any(secret.encode() in blob for secret in secrets), name
+    for text in (job, caplog.text, printed.out, printed.err, json.dumps(result.summary)):
+        assert not any(secret in text for secret in secrets)
+
+
+def test_missing_input_bucket_is_a_plan_error(s3, tiny_model_dir):
+    s3.fs().mkdir(OUT)
+    for uri in (
+        "s3://no-such-input/videos/",
+        "s3://no-such-input/videos/*.mp4",
+        "s3://no-such-input/m.csv",
+    ):
+        config = _config(s3, uri, f"s3://{OUT}/job", tiny_model_dir)
+        with pytest.raises(PlanError, match="bucket 'no-such-input' does not exist"):
+            list_inputs(config.input)
+    config = _config(s3, "s3://no-such-input/videos/", f"s3://{OUT}/job", tiny_model_dir)
+    with pytest.raises(PlanError, match="no-such-input"):
+        run_job(config)
+    assert not s3.fs().find(OUT)  # nothing was written
+
+
+def test_missing_or_read_only_output_fails_before_work(s3, tiny_model_dir):
+    admin = s3.fs()
+    _upload_inputs(admin)
+    admin.mkdir("read-only-out")
+    input_uri = f"s3://{IN}/clips/"
+    with pytest.raises(FileNotFoundError, match="bucket 'no-such-output' does not exist"):
+        fs, root = storage.filesystem("s3://no-such-output/job", s3.options())
+        storage.check_output_writable(fs, root, "s3://no-such-output/job")
+    with pytest.raises(FileNotFoundError, match="no-such-output"):
+        run_job(_config(s3, input_uri, "s3://no-such-output/job", tiny_model_dir))
+
+    reader = s3.user("reader", READ_INPUT)
+    s3.enforce_iam()
+    uri = "s3://read-only-out/job"
+    fs, root = storage.filesystem(uri, s3.options(*reader))
+    with pytest.raises(PermissionError, match="read-only-out.*not writable"):
+        storage.check_output_writable(fs, root, uri)
+    with pytest.raises(PermissionError, match="read-only-out"):
+        run_job(_config(s3, input_uri, uri, tiny_model_dir, reader=reader, writer=reader))
+    assert not s3.fs(*reader).find("read-only-out")
+
+
+def test_output_holding_another_jobs_tables_is_refused(s3, tiny_model_dir):
+    admin = s3.fs()
+    _upload_inputs(admin)
+    admin.mkdir(OUT)
+    admin.pipe_file(f"{OUT}/job/videos/shard=00000/part-00000.parquet", b"someone else's")
+    config = _config(s3, f"s3://{IN}/clips/", f"s3://{OUT}/job", tiny_model_dir)
+    with pytest.raises(JobMismatchError, match="videos"):
+        run_job(config)
+    assert admin.find(f"{OUT}/job") == [f"{OUT}/job/videos/shard=00000/part-00000.parquet"]
+
+
+def _client_error(code: str, status: int) -> botocore.exceptions.ClientError:
+    response = {"Error": {"Code": code, "Message": f"{code} happened"},
+                "ResponseMetadata": {"HTTPStatusCode": status}}  # fmt: skip
+    return botocore.exceptions.ClientError(response, "GetObject")
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "transient"),
+    [("SlowDown", 503, True), ("503", 503, True), ("InternalError", 500, True), ("Throttling", 400, True),
+     ("RequestTimeout", 400, True), ("NoSuchKey", 404, False), ("404", 404, False),
+     ("AccessDenied", 403, False), ("NoSuchBucket", 404, False), ("InvalidAccessKeyId", 403, False)],
+)  # fmt: skip
+def test_error_classification(code, status, transient):
+    from s3fs.errors import translate_boto_error
+
+    error = _client_error(code, status)
+    assert storage.is_transient(error) is transient
+    assert storage.is_transient(translate_boto_error(error)) is transient  # what s3fs raises
+
+
+def test_connection_errors_are_transient():
+    assert storage.is_transient(botocore.exceptions.EndpointConnectionError(endpoint_url="http://x"))
+    assert storage.is_transient(botocore.exceptions.ReadTimeoutError(endpoint_url="http://x"))
+    assert storage.is_transient(OSError(errno.ECONNRESET, "Connection reset by peer"))
+    assert storage.is_transient(ConnectionResetError())
+    assert not storage.is_transient(FileNotFoundError("bucket/key"))
+    assert not storage.is_transient(ValueError("file_503.mp4 is odd"))
+
+
+@pytest.mark.parametrize("mode", ["503", "reset"])
+def test_with_retries_against_injected_failures(s3, mode):
+    admin = s3.fs()
+    admin.mkdir(IN)
+    admin.pipe_file(f"{IN}/a.bin", b"payload")
+    with FlakyProxy(s3.url) as proxy:
+        # no retries inside botocore or s3fs: every failure reaches with_retries
+        no_retries = {"retries": {"total_max_attempts": 1, "mode": "standard"}}
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options(proxy.url, config_kwargs=no_retries))
+        fs.retries = 1
+        calls: list[str] = []
+
+        def cat(name: str) -> bytes:
+            calls.append(name)
+            return fs.cat_file(f"{IN}/{name}")
+
+        proxy.mode, proxy.fail = mode, 2
+        assert storage.with_retries(lambda: cat("a.bin"), what="get", base_delay_s=0.01) == b"payload"
+        assert proxy.fail == 0 and len(calls) >= 2  # (aiohttp may retry a reset connection once itself)
+        calls.clear()
+        with pytest.raises(FileNotFoundError):
+            storage.with_retries(lambda: cat("missing.bin"), what="get", base_delay_s=0.01)
+        assert len(calls) == 1  # a permanent error is not retried
+        calls.clear()
+        proxy.fail = 10
+        with pytest.raises(Exception) as raised:  # noqa: B017 (an OSError or botocore's ConnectionClosedError)
+            storage.with_retries(lambda: cat("a.bin"), what="get", attempts=3, base_delay_s=0.01)
+        assert len(calls) == 3 and storage.is_transient(raised.value)
+
+
+def test_listings_never_stale_across_writers(s3):
+    """Markers written by other processes are seen at once (s3fs's listing cache is off)."""
+    uri, ledger = f"s3://{OUT}/job", f"{OUT}/job/_ledger/committed"
+    other = s3.fs()  # an actor in another process
+    other.mkdir(OUT)
+    other.pipe_file(f"{ledger}/shard-00000.json", b"{}")
+    fs, root = storage.filesystem(uri, s3.options())
+    assert storage.list_names(fs, storage.join(root, "_ledger")) == ["committed/shard-00000.json"]
+    other.pipe_file(f"{ledger}/shard-00001.json", b"{}")
+    assert storage.filesystem(uri, s3.options())[0] is fs  # the driver's cached instance...
+    names = storage.list_names(fs, storage.join(root, "_ledger"))
+    assert names == ["committed/shard-00000.json", "committed/shard-00001.json"]  # ...sees the new marker
+    assert storage.read_json(fs, f"{ledger}/shard-00001.json") == {}
+
+
+def test_anonymous_access_lists_a_public_bucket(s3):
+    _upload_inputs(s3.fs())
+    rows = list_inputs(load_config(None, {"input.uri": f"s3://{IN}/clips/", "output.uri": "unused",
+                                          "input.storage_options": {"client_kwargs": {"endpoint_url": s3.url}, "anon": True}}).input)  # fmt: skip
+    assert sorted(r["uri"] for r in rows) == [f"s3://{IN}/clips/carphone.mp4", f"s3://{IN}/clips/demo.mp4"]
