@@ -54,6 +54,9 @@ BAD_INPUT_FINDINGS: dict[str, str] = {
     "UPPER.MP4": "ok:10",
     "dir.mp4": "not_a_video (a directory: IsADirectoryError from both decoders)",
     "broken_link.mp4": "not_found",
+    "rotated_90.mp4": "ok:10 (display matrix 90 degrees counter-clockwise, rotation 270 clockwise; both decoders return the upright 64x48 frames)",
+    "uhd_4k.mp4": "ok:3 (3840x2160; 3 frames keep the encode near 1 s)",
+    "no_permission.mp4": "permission (mode 000; only written when not running as root, who reads anyway)",
     "av1.mp4": "ok:10 with PyAV; decord has no AV1 decoder and fails on open with 'cannot find video "
     "stream' (the same message as audio only; PyAV's probe tells them apart: unsupported_codec)",
 }
@@ -229,6 +232,13 @@ def make_bad_inputs(directory: str | os.PathLike) -> dict[str, str]:
     if not link.is_symlink():
         link.symlink_to(root / "does_not_exist.mp4")
     expected["broken_link.mp4"] = "not_found"
+    write_index_video(root / "rotated_90.mp4", frames=10, rotation=90)
+    expected["rotated_90.mp4"] = "ok:10"
+    write_index_video(root / "uhd_4k.mp4", frames=3, size=(3840, 2160))
+    expected["uhd_4k.mp4"] = "ok:3"
+    if os.geteuid() != 0:
+        write_index_video(root / "no_permission.mp4", frames=3).chmod(0)
+        expected["no_permission.mp4"] = "permission"
     write_index_video(root / "av1.mp4", frames=10, codec="libsvtav1")
     expected["av1.mp4"] = "ok:10"
     log.debug("bad inputs written to %s: %s", root, sorted(expected))

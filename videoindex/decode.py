@@ -11,7 +11,8 @@ Produces ``VideoMeta`` and, per ``read``, ``uint8[N,H,W,3]`` frames in the order
 - ``PyAVReader``: PyAV with FFmpeg 8; decodes sequentially and keeps only the wanted frames; seeks
   for indices far from the start using an exact packet-pts index (correct for variable frame rate).
 
-Failures become ``DecodeError`` with one of ``ERROR_TYPES``, so a bad video is a row, not a crash.
+Failures become ``DecodeError`` with one of ``ERROR_TYPES`` (see ``errors.py``), so a bad video is a row,
+not a crash.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
@@ -30,105 +30,22 @@ import av
 import fsspec
 import numpy as np
 
-log = logging.getLogger(__name__)
+from videoindex.errors import (  # re-exported: decode errors are part of this stage's interface
+    ERROR_TYPE_DOC,
+    ERROR_TYPES,
+    DecodeError,
+    classify_error,
+    library_message,
+)
 
-ERROR_TYPE_DOC: dict[str, str] = {
-    "not_found": "the file does not exist (or is a broken link)",
-    "permission": "the file exists but may not be read",
-    "empty_file": "the file has 0 bytes",
-    "not_a_video": "no container format recognised (text, random bytes, truncated header, directory)",
-    "no_video_stream": "a valid container without a video stream (audio only, subtitles)",
-    "unsupported_codec": "the video codec has no decoder in the decoder used",
-    "corrupt": "the container opened but decoding failed mid-stream",
-    "timeout": "decoding took longer than decode.timeout_s",
-    "decoder_crash": "the decoder raised an unexpected internal error or its process died",
-    "out_of_memory": "decoding ran out of memory (or past decode.max_memory_mb)",
-    "storage": "reading the bytes failed (object store or file system I/O); retryable",
-}
-ERROR_TYPES: tuple[str, ...] = tuple(ERROR_TYPE_DOC)
+__all__ = ["ERROR_TYPE_DOC", "ERROR_TYPES", "DecodeError", "VideoMeta", "VideoReader", "classify_error",
+           "open_video"]  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 SEEK_MIN_FRAMES = 250  # PyAV: seek only when the first wanted frame is further than this from the start
 DECORD_THREADS = 1  # one decode task holds one CPU; 2 threads halve decord's time on 720p
 REMOTE_BLOCK_SIZE = 8 * 2**20  # bytes per read from object stores
-
-
-class DecodeError(Exception):
-    """A video that cannot be (fully) decoded: ``error_type`` in ERROR_TYPES, ``stage`` open|probe|decode."""
-
-    def __init__(self, error_type: str, stage: str, message: str, decoder: str | None = None) -> None:
-        if error_type not in ERROR_TYPE_DOC:
-            raise ValueError(f"unknown error_type {error_type!r}; use one of {ERROR_TYPES}")
-        super().__init__(message)
-        self.error_type = error_type
-        self.stage = stage
-        self.decoder = decoder
-        self.message = message
-
-    def __reduce__(self) -> Any:  # keeps the attributes when pickled to another Ray worker
-        return (DecodeError, (self.error_type, self.stage, self.message, self.decoder))
-
-
-_PATTERNS: tuple[tuple[str, str], ...] = (
-    (r"cannot find video stream|no video stream", "no_video_stream"),
-    (r"decoder not found|unsupported codec|codec not (found|supported)|no decoder", "unsupported_codec"),
-    (r"invalid data found|moov atom not found|unknown format|error reading|could not find codec "
-     r"parameters|failed to measure duration", "not_a_video"),
-    (r"av_read_frame failed|partial file|error while decoding|corrupt", "corrupt"),
-    (r"cannot allocate memory|out of memory|bad_alloc", "out_of_memory"),
-    (r"timed? ?out", "timeout"),
-)  # fmt: skip
-
-
-def _library_message(exc: BaseException) -> str:
-    """The library's own message, without decord's log prefix and C++ stack trace."""
-    text = str(exc).split("\n\nStack trace")[0].strip()
-    text = re.sub(r"^\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", text)
-    return text[:500] or type(exc).__name__
-
-
-def classify_error(
-    exc: BaseException,
-    *,
-    size_bytes: int | None = None,
-    stage: str,
-    decoder: str | None = None,
-    uri: str | None = None,
-) -> DecodeError:
-    """Map any exception met while opening or decoding to a DecodeError with a specific message."""
-    if isinstance(exc, DecodeError):
-        return exc
-    text = _library_message(exc)
-    where = f"{uri}: " if uri else ""
-    error_type = _error_type(exc, text.lower(), size_bytes, stage)
-    message = f"{where}{decoder or 'decoder'} failed at {stage} ({error_type}): {type(exc).__name__}: {text}"
-    return DecodeError(error_type, stage, message, decoder=decoder)
-
-
-def _error_type(exc: BaseException, text: str, size_bytes: int | None, stage: str) -> str:
-    if isinstance(exc, FileNotFoundError):
-        return "not_found"
-    if isinstance(exc, PermissionError):
-        return "permission"
-    if size_bytes == 0:
-        return "empty_file"
-    if isinstance(exc, IsADirectoryError | NotADirectoryError):
-        return "not_a_video"
-    if isinstance(exc, MemoryError):
-        return "out_of_memory"
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, av.error.DecoderNotFoundError):
-        return "unsupported_codec"
-    if isinstance(exc, av.error.InvalidDataError) and stage != "decode":
-        return "not_a_video"
-    for pattern, error_type in _PATTERNS:
-        if re.search(pattern, text):
-            return "corrupt" if stage == "decode" and error_type == "not_a_video" else error_type
-    if isinstance(exc, av.error.FFmpegError | RuntimeError) or type(exc).__name__ == "DECORDError":
-        return "corrupt" if stage == "decode" else "not_a_video"
-    if isinstance(exc, OSError):
-        return "storage"  # fsspec and object-store errors not recognised above
-    return "decoder_crash"
 
 
 @dataclass(frozen=True)
@@ -352,7 +269,7 @@ def _frames(container: Any, stream: Any, uri: str) -> Iterator[av.VideoFrame]:
     except av.error.FFmpegError as exc:
         if not decoded:
             raise
-        log.warning("%s: pyav stopped after %d frames: %s", uri, decoded, _library_message(exc))
+        log.warning("%s: pyav stopped after %d frames: %s", uri, decoded, library_message(exc))
 
 
 class DecordReader(VideoReader):
@@ -361,6 +278,7 @@ class DecordReader(VideoReader):
     def __init__(self, source: _Source, probe: VideoMeta | None, *, fallback_to_pyav: bool) -> None:
         self._source, self._probe, self._fallback_ok = source, probe, fallback_to_pyav
         self._vr: Any = None
+        self._pyav: PyAVReader | None = None
         vr = self._reader()
         frames, fps = len(vr), float(vr.get_avg_fps())
         if probe is None:  # PyAV could not probe it: no rotation or codec known
@@ -383,6 +301,8 @@ class DecordReader(VideoReader):
         order = _substitute(indices, range(self.meta.frames), self._source.uri, "decord")
         self.clamped = self.clamped or list(order) != list(indices)
         wanted = sorted(set(order))
+        if self._pyav is not None:  # decord failed on an earlier read: stay with PyAV
+            return self._read_with_pyav(indices, self.fallback)
         try:
             vr = self._reader()
             frames = vr.get_batch(wanted).asnumpy()
@@ -409,13 +329,15 @@ class DecordReader(VideoReader):
             times = np.where(bad, np.asarray(wanted, np.float64) / self.meta.fps, times)
         return times
 
-    def _read_with_pyav(self, indices: Sequence[int], error: DecodeError) -> tuple[np.ndarray, np.ndarray]:
-        log.warning("%s; decoding with pyav instead", error)
-        reader = PyAVReader(self._source, self._probe)
-        frames, times = reader.read(indices)
-        self.fallback = error
-        self.clamped = self.clamped or reader.clamped
-        self.meta = dataclasses.replace(reader.meta, decoder="pyav")
+    def _read_with_pyav(
+        self, indices: Sequence[int], error: DecodeError | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self._pyav is None:
+            log.warning("%s; decoding with pyav instead", error)
+            self._pyav, self.fallback = PyAVReader(self._source, self._probe), error
+        frames, times = self._pyav.read(indices)
+        self.clamped = self.clamped or self._pyav.clamped
+        self.meta = dataclasses.replace(self._pyav.meta, decoder="pyav")
         return frames, times
 
     def close(self) -> None:
@@ -443,7 +365,7 @@ def open_video(uri: str, *, decoder: str, fs: Any = None, fallback_to_pyav: bool
             if decoder == "pyav" or isinstance(exc, DecodeError):
                 raise
             probe = None
-            log.info("%s: pyav probe failed (%s); trying decord alone", uri, _library_message(exc))
+            log.info("%s: pyav probe failed (%s); trying decord alone", uri, library_message(exc))
         if decoder == "pyav":
             return PyAVReader(source, probe)
         return _open_decord(source, probe, fallback_to_pyav=fallback_to_pyav, size=size)

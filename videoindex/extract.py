@@ -5,14 +5,20 @@ result (resized, cropped uint8 clips plus metadata) travels to a model actor. Re
 ExtractSettings; produces an ExtractResult with ``clips: uint8[C, T, S, S, 3]``.
 
 Chunk 0 opens the video, reads its metadata, plans every clip and decodes the first ``chunk_clips`` of
-them; later chunks decode their own clips only, so memory stays flat for long videos.
+them; later chunks decode their own clips only, so memory stays flat for long videos. Within a chunk,
+frames are read in groups of at most ``max_memory_mb / 8`` of full-resolution RGB (one clip at least) and
+cut down to crops at once. The whole decode runs under ``memory_cap(decode.max_memory_mb)``: past it the
+video fails as ``out_of_memory`` and the worker process lives on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,13 +26,16 @@ import numpy as np
 
 from videoindex import storage
 from videoindex.config import DecodeConfig, SamplingConfig
-from videoindex.decode import DecodeError, VideoMeta, classify_error, open_video
+from videoindex.decode import VideoMeta, open_video
+from videoindex.errors import DecodeError, classify_error
 from videoindex.plan import VideoTask
 from videoindex.preprocess import PreprocessSpec, resize_and_crop
 from videoindex.sampling import ClipSpec, clip_times, plan_clips
 
 log = logging.getLogger(__name__)
 THUMBNAIL_SHORT_SIDE = 96
+READ_BUDGET_SHARE = 8  # a read's full-resolution frames take at most max_memory_mb / 8
+DECODER_BUFFER_FRAMES = 10  # frames' worth of memory a decoder holds besides its output (measured, 4K)
 
 
 @dataclass(frozen=True)
@@ -76,24 +85,97 @@ def _thumbnail(frame: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def private_memory_bytes() -> int | None:
+    """This process's private writable memory (VmData: what RLIMIT_DATA limits); None off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmData:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(frames: int, meta: VideoMeta, uri: str) -> None:
+    """Raise out_of_memory when reading ``frames`` frames would pass this process's RLIMIT_DATA.
+
+    decord aborts the whole process when an allocation fails inside get_batch (std::bad_alloc), so a
+    read that cannot fit under the cap set by memory_cap is refused before it starts. Measured
+    at 4K: peak = 2x the frames (decoder output + numpy copy) + about 10 frames of decoder buffers.
+    """
+    limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
+    used = private_memory_bytes()
+    if limit == resource.RLIM_INFINITY or used is None:
+        return
+    need = (2 * frames + DECODER_BUFFER_FRAMES) * meta.width * meta.height * 3
+    if used + need > limit:
+        raise DecodeError("out_of_memory", "decode", f"{uri}: reading {frames} frames of {meta.width}x"
+                          f"{meta.height} needs about {need / 2**20:.0f} MiB; {max(limit - used, 0) / 2**20:.0f} "
+                          "MiB left under decode.max_memory_mb", decoder=meta.decoder)  # fmt: skip
+
+
+@contextlib.contextmanager
+def memory_cap(max_mb: int) -> Iterator[None]:
+    """Let this process grow its private memory by at most ``max_mb`` MiB while the block runs (Linux).
+
+    RLIMIT_DATA counts private writable memory (heap, malloc and anonymous mmap) but not the shared
+    object store Ray maps into every worker, so it limits the decode's own allocations: past it numpy and
+    PyAV raise MemoryError, torch "can't allocate memory", all classified out_of_memory, and the worker
+    survives (checked in Ray workers). ``max_mb <= 0`` disables the cap. The old limit comes back after.
+    """
+    used = private_memory_bytes()
+    if max_mb <= 0 or used is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    cap = used + max_mb * 2**20
+    cap = min(c for c in (cap, soft, hard) if c != resource.RLIM_INFINITY)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+def read_groups(clips: tuple[ClipSpec, ...], frame_bytes: int, budget: int) -> list[tuple[ClipSpec, ...]]:
+    """Consecutive groups of ``clips`` whose distinct frames take at most ``budget`` bytes (>= 1 clip)."""
+    groups: list[tuple[ClipSpec, ...]] = []
+    current: list[ClipSpec] = []
+    frames: set[int] = set()
+    for spec in clips:
+        wanted = frames | set(spec.frame_indices)
+        if current and len(wanted) * frame_bytes > budget:
+            groups.append(tuple(current))
+            current, wanted = [], set(spec.frame_indices)
+        current.append(spec)
+        frames = wanted
+    return [*groups, tuple(current)] if current else groups
+
+
 def _decode_clips(
     reader: Any, clips: tuple[ClipSpec, ...], settings: ExtractSettings, result: ExtractResult
 ) -> None:
-    wanted = sorted({i for c in clips for i in c.frame_indices})
-    frames, stamps = reader.read(wanted)
-    position = {idx: k for k, idx in enumerate(wanted)}
-    stamp_of = {idx: float(stamps[k]) for k, idx in enumerate(wanted)}
-    fps = reader.meta.fps
-    out = np.empty(
-        (len(clips), settings.clip_len, settings.preprocess.crop_size, settings.preprocess.crop_size, 3),
-        np.uint8,
-    )
-    for n, spec in enumerate(clips):
-        clip = frames[[position[i] for i in spec.frame_indices]]
-        out[n] = resize_and_crop(clip, settings.preprocess, crop_position=spec.spatial_crop)
-        result.times_s.append(clip_times(spec, stamp_of, fps))
-        if settings.thumbnails:
-            result.thumbnails.append(_thumbnail(clip[len(clip) // 2]))
+    """Read the clips' frames group by group and keep only their crops: ``uint8[C,T,S,S,3]``."""
+    size = settings.preprocess.crop_size
+    out = np.empty((len(clips), settings.clip_len, size, size, 3), np.uint8)
+    frame_bytes = max(reader.meta.width * reader.meta.height * 3, 1)
+    budget = max(settings.decode.max_memory_mb, 512) * 2**20 // READ_BUDGET_SHARE
+    n = 0
+    for group in read_groups(clips, frame_bytes, budget):
+        wanted = sorted({i for c in group for i in c.frame_indices})
+        check_memory(len(wanted), reader.meta, result.request.video.uri)
+        frames, stamps = reader.read(wanted)
+        position = {idx: k for k, idx in enumerate(wanted)}
+        stamp_of = {idx: float(stamps[k]) for k, idx in enumerate(wanted)}
+        for spec in group:
+            clip = frames[[position[i] for i in spec.frame_indices]]
+            out[n] = resize_and_crop(clip, settings.preprocess, crop_position=spec.spatial_crop)
+            result.times_s.append(clip_times(spec, stamp_of, reader.meta.fps))
+            if settings.thumbnails:
+                result.thumbnails.append(_thumbnail(clip[len(clip) // 2]))
+            n += 1
+        del frames, clip
     result.frames = out
 
 
@@ -122,9 +204,12 @@ def extract(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult
             raise DecodeError("empty_file", "open", f"{request.video.uri} is an empty file (0 bytes)")
         decoder = settings.decode.decoder if ":" not in settings.decode.decoder else "decord"
         open_fn = opener(settings.decode.decoder)
-        with open_fn(
-            path, decoder=decoder, fs=fs, fallback_to_pyav=settings.decode.fallback_to_pyav
-        ) as reader:
+        with (
+            memory_cap(settings.decode.max_memory_mb),
+            open_fn(
+                path, decoder=decoder, fs=fs, fallback_to_pyav=settings.decode.fallback_to_pyav
+            ) as reader,
+        ):
             result.meta = reader.meta
             clips = request.clips
             if clips is None:
@@ -141,7 +226,11 @@ def extract(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult
         result.error = exc
     except Exception as exc:  # a bad video must become a row, not a crashed shard
         result.error = classify_error(
-            exc, size_bytes=result.size_bytes, stage="decode" if result.meta else "open"
+            exc,
+            size_bytes=result.size_bytes,
+            stage="decode" if result.meta else "open",
+            decoder=result.meta.decoder if result.meta else settings.decode.decoder,
+            uri=request.video.uri,
         )
     if result.error is not None:
         result.frames = None

@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
 from videoindex import schema, storage
+from videoindex.errors import RETRYABLE_ERROR_TYPES
 from videoindex.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -282,9 +283,14 @@ class Index:
         )
 
     def errors(self) -> pa.Table:
-        """Failed videos by error type, with up to three example URIs each."""
+        """Failed videos by error type, with up to three example URIs each.
+
+        ``retryable``: ``videoindex resume --retry-failed`` retries these by default (errors.py).
+        """
+        retryable = ", ".join(f"'{t}'" for t in RETRYABLE_ERROR_TYPES)
         return self._query(
             "SELECT coalesce(error_type, 'unknown') AS error_type, count(*) AS count, "
+            f"coalesce(error_type, 'unknown') IN ({retryable}) AS retryable, "
             "list_slice(list(uri ORDER BY uri), 1, 3) AS example_uris FROM videos "
             "WHERE status = 'error' GROUP BY 1 ORDER BY count DESC, error_type"
         )

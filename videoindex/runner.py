@@ -23,7 +23,7 @@ import ray
 
 from videoindex import __version__, plan, storage
 from videoindex.config import JobConfig
-from videoindex.decode import DecodeError
+from videoindex.errors import RETRYABLE_ERROR_TYPES, DecodeError
 from videoindex.extract import ExtractRequest, ExtractResult, ExtractSettings, extract
 from videoindex.jobfile import JOB_FILE, check_compatible, job_record, read_job, refuse_foreign_tables
 from videoindex.ledger import Ledger
@@ -104,12 +104,25 @@ def ray_extract_window(
             if not ready:
                 ray.cancel(ref, force=True)
                 error = DecodeError(
-                    "timeout", "decode", f"decoding took longer than {timeout:g} s; worker killed"
+                    "timeout",
+                    "decode",
+                    f"{request.video.uri}: decoding took longer than {timeout:g} s; worker killed",
                 )
                 result = ExtractResult(request=request, error=error)
             else:
                 try:
                     result = ray.get(ref)
+                except ray.exceptions.OutOfMemoryError as exc:
+                    # Ray's memory monitor killed the worker: the node ran low before decode.max_memory_mb.
+                    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    result = ExtractResult(
+                        request=request,
+                        error=DecodeError(
+                            "out_of_memory",
+                            "decode",
+                            f"{request.video.uri}: decode worker killed by Ray's memory monitor: {text}",
+                        ),
+                    )
                 except ray.exceptions.WorkerCrashedError as exc:
                     # The process died (segfault, os._exit, OOM kill) even after Ray's retries: the video
                     # is to blame. An exception raised by extract() itself is a bug or a broken
@@ -117,7 +130,9 @@ def ray_extract_window(
                     text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                     result = ExtractResult(
                         request=request,
-                        error=DecodeError("decoder_crash", "decode", f"decode worker died: {text}"),
+                        error=DecodeError(
+                            "decoder_crash", "decode", f"{request.video.uri}: decode worker died: {text}"
+                        ),
                     )
             counters["chunks"] += 1
             counters["clips"] += len(result.clips)
@@ -214,6 +229,7 @@ class ModelActor:
 
 def _resolve_plan(config: JobConfig, info: ModelInfo, fs: Any, root: str, *, must_exist: bool) -> int:
     """Write (or check and reuse) _job.json and the plan; returns the number of shards."""
+    storage.check_output_writable(fs, root, config.output.uri)  # fail in seconds, before listing the input
     existing = read_job(fs, root)
     if existing is not None:
         check_compatible(existing, config, info, config.output.uri)
@@ -329,7 +345,7 @@ def _pending_shards(ledger: Ledger, shards: int, *, rerun: bool) -> deque:
     return deque((s, view.state(s).attempts + 1, None) for s in range(shards) if s not in done)
 
 
-RETRYABLE_ERRORS = ("timeout", "storage", "decoder_crash", "out_of_memory")
+RETRYABLE_ERRORS = RETRYABLE_ERROR_TYPES  # see errors.py
 
 
 def failed_videos(fs: Any, root: str, shards: set[int], *, all_errors: bool) -> dict[int, tuple[str, ...]]:

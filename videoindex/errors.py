@@ -1,0 +1,111 @@
+"""Error types of a video that could not be indexed, and the mapping of any exception to one of them.
+
+Every failed video gets exactly one ``videos`` row with ``status=error``, an ``error_type`` from
+``ERROR_TYPES`` and a message that names the URI, the decoder, the stage (open | probe | decode) and
+the library's own words. Recovered problems (decord -> PyAV fallback) are rows of the ``errors`` table
+with ``fatal=false``. ``RETRYABLE_ERROR_TYPES`` are the ones ``videoindex resume --retry-failed``
+retries by default: they depend on the machine or the moment, not on the file.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import av
+
+ERROR_TYPE_DOC: dict[str, str] = {
+    "not_found": "the file does not exist (or is a broken link)",
+    "permission": "the file exists but may not be read",
+    "empty_file": "the file has 0 bytes",
+    "not_a_video": "no container format recognised (text, random bytes, truncated header, directory)",
+    "no_video_stream": "a valid container without a video stream (audio only, subtitles)",
+    "unsupported_codec": "the video codec has no decoder in the decoder used",
+    "corrupt": "the container opened but decoding failed mid-stream",
+    "timeout": "decoding took longer than decode.timeout_s",
+    "decoder_crash": "the decoder raised an unexpected internal error or its process died",
+    "out_of_memory": "decoding needed more than decode.max_memory_mb (or the machine ran out of memory)",
+    "storage": "reading the bytes failed (object store or file system I/O); retryable",
+}
+ERROR_TYPES: tuple[str, ...] = tuple(ERROR_TYPE_DOC)
+# Depend on the machine or the moment rather than the file: retried by resume --retry-failed by default.
+RETRYABLE_ERROR_TYPES: tuple[str, ...] = ("timeout", "storage", "decoder_crash", "out_of_memory")
+
+
+class DecodeError(Exception):
+    """A video that cannot be (fully) decoded: ``error_type`` in ERROR_TYPES, ``stage`` open|probe|decode."""
+
+    def __init__(self, error_type: str, stage: str, message: str, decoder: str | None = None) -> None:
+        if error_type not in ERROR_TYPE_DOC:
+            raise ValueError(f"unknown error_type {error_type!r}; use one of {ERROR_TYPES}")
+        super().__init__(message)
+        self.error_type = error_type
+        self.stage = stage
+        self.decoder = decoder
+        self.message = message
+
+    def __reduce__(self) -> Any:  # keeps the attributes when pickled to another Ray worker
+        return (DecodeError, (self.error_type, self.stage, self.message, self.decoder))
+
+
+_PATTERNS: tuple[tuple[str, str], ...] = (
+    (r"cannot find video stream|no video stream", "no_video_stream"),
+    (r"decoder not found|unsupported codec|codec not (found|supported)|no decoder", "unsupported_codec"),
+    (r"invalid data found|moov atom not found|unknown format|error reading|could not find codec "
+     r"parameters|failed to measure duration", "not_a_video"),
+    (r"av_read_frame failed|partial file|error while decoding|corrupt", "corrupt"),
+    (r"cannot allocate memory|can't allocate memory|out of memory|bad_alloc", "out_of_memory"),
+    (r"timed? ?out", "timeout"),
+)  # fmt: skip
+
+
+def library_message(exc: BaseException) -> str:
+    """The library's own message, without decord's log prefix and C++ stack trace."""
+    text = str(exc).split("\n\nStack trace")[0].strip()
+    text = re.sub(r"^\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", text)
+    return text[:500] or type(exc).__name__
+
+
+def classify_error(
+    exc: BaseException,
+    *,
+    size_bytes: int | None = None,
+    stage: str,
+    decoder: str | None = None,
+    uri: str | None = None,
+) -> DecodeError:
+    """Map any exception met while opening or decoding to a DecodeError with a specific message."""
+    if isinstance(exc, DecodeError):
+        return exc
+    text = library_message(exc)
+    where = f"{uri}: " if uri else ""
+    error_type = _error_type(exc, text.lower(), size_bytes, stage)
+    message = f"{where}{decoder or 'decoder'} failed at {stage} ({error_type}): {type(exc).__name__}: {text}"
+    return DecodeError(error_type, stage, message, decoder=decoder)
+
+
+def _error_type(exc: BaseException, text: str, size_bytes: int | None, stage: str) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "not_found"
+    if isinstance(exc, PermissionError):
+        return "permission"
+    if size_bytes == 0:
+        return "empty_file"
+    if isinstance(exc, IsADirectoryError | NotADirectoryError):
+        return "not_a_video"
+    if isinstance(exc, MemoryError):
+        return "out_of_memory"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, av.error.DecoderNotFoundError):
+        return "unsupported_codec"
+    if isinstance(exc, av.error.InvalidDataError) and stage != "decode":
+        return "not_a_video"
+    for pattern, error_type in _PATTERNS:
+        if re.search(pattern, text):
+            return "corrupt" if stage == "decode" and error_type == "not_a_video" else error_type
+    if isinstance(exc, av.error.FFmpegError | RuntimeError) or type(exc).__name__ == "DECORDError":
+        return "corrupt" if stage == "decode" else "not_a_video"
+    if isinstance(exc, OSError):
+        return "storage"  # fsspec and object-store errors not recognised above
+    return "decoder_crash"
