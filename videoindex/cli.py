@@ -1,4 +1,4 @@
-"""The `videoindex` command: run, demo, status, resume, query, submit.
+"""The `videoindex` command: run, demo, status, resume, query, report, submit.
 
 Exit codes (every subcommand):
   0  job finished, every video indexed
@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   videoindex status out/
   videoindex resume out/ --retry-failed
   videoindex query out/ summary
+  videoindex report out/ --out report.html
 """
 
 RUN_FLAGS = {  # CLI flag -> job config key
@@ -174,6 +175,12 @@ def _extra_registrars() -> list[Any]:
     except ImportError:  # pragma: no cover - during development
         pass
     try:
+        from videoindex.report import register_report_cli
+
+        registrars.append(register_report_cli)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
         from videoindex.submit import register_submit_cli
 
         registrars.append(register_submit_cli)
@@ -260,6 +267,10 @@ def _plugin_handler(command: str) -> Any:
         from videoindex.query import run_query_cli
 
         return run_query_cli
+    if command == "report":
+        from videoindex.report import run_report_cli
+
+        return run_report_cli
     if command == "submit":
         from videoindex.submit import run_submit_cli
 
