@@ -15,7 +15,7 @@ import sys
 from importlib import resources
 from typing import Any
 
-from videoindex.config import DEFAULT_MODEL, ConfigError, load_config
+from videoindex.config import DEFAULT_MODEL, ConfigError, load_config, parse_storage_options
 
 EXAMPLES = """examples:
   videoindex demo                                   # bundled sample videos, local Ray
@@ -42,19 +42,6 @@ RUN_FLAGS = {  # CLI flag -> job config key
     "dtype": "model.dtype",
     "address": "execution.address",
 }
-
-
-def _storage_options(pairs: list[str] | None) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"--storage-option {pair!r}: use KEY=VALUE")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -102,7 +89,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.thumbnails:
         out["output.thumbnails"] = True
     if args.storage_option:
-        options = _storage_options(args.storage_option)
+        options = parse_storage_options(args.storage_option)
         out["input.storage_options"] = options
         out["output.storage_options"] = options
     return out
@@ -242,7 +229,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         "execution.batch_size": args.batch_size,
         "execution.address": args.address,
     }
-    config = job_config_from_output(args.output, _storage_options(args.storage_option), **overrides)
+    config = job_config_from_output(args.output, parse_storage_options(args.storage_option), **overrides)
     result = run_job(config, resume=True, retry_failed=args.retry_failed, retry_all_errors=args.retry_all and args.retry_failed,
                      progress=not args.no_progress)  # fmt: skip
     _print_summary(result.summary, config.model.random_weights)
@@ -257,7 +244,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         print(json.dumps(submission_status(args.address, args.output), indent=2, default=str))
         return 0
-    report = job_status(args.output, _storage_options(args.storage_option))
+    report = job_status(args.output, parse_storage_options(args.storage_option))
     print(json.dumps(report, indent=2, default=str) if args.json else render_status(report))
     return 0
 

@@ -258,6 +258,20 @@ def validate(config: JobConfig) -> None:
             raise ConfigError(message)
 
 
+def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
+    """--storage-option KEY=VALUE pairs; a VALUE that parses as JSON is used as such (numbers, objects)."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--storage-option {pair!r}: use KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def redact(options: Mapping[str, Any]) -> dict[str, Any]:
     """Storage options safe to print or store: values of secret-looking keys are replaced."""
     out: dict[str, Any] = {}

@@ -74,7 +74,8 @@ class ExtractResult:
     decode_s: float = 0.0
 
 
-def _thumbnail(frame: np.ndarray) -> bytes:
+def thumbnail_jpeg(frame: np.ndarray) -> bytes:
+    """uint8[H,W,3] -> JPEG bytes, short side THUMBNAIL_SHORT_SIDE (stored per clip; the report makes the same)."""
     from PIL import Image
 
     image = Image.fromarray(frame)
@@ -173,7 +174,7 @@ def _decode_clips(
             out[n] = resize_and_crop(clip, settings.preprocess, crop_position=spec.spatial_crop)
             result.times_s.append(clip_times(spec, stamp_of, reader.meta.fps))
             if settings.thumbnails:
-                result.thumbnails.append(_thumbnail(clip[len(clip) // 2]))
+                result.thumbnails.append(thumbnail_jpeg(clip[len(clip) // 2]))
             n += 1
         del frames, clip
     result.frames = out

@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
 from videoindex import schema, storage
+from videoindex.config import ConfigError, parse_storage_options
 from videoindex.errors import RETRYABLE_ERROR_TYPES
 from videoindex.ledger import Ledger
 
@@ -460,26 +461,12 @@ def register_query_cli(subparsers: argparse._SubParsersAction) -> None:
     sql.set_defaults(run=lambda ix, a: ix.sql(a.query))
 
 
-def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
-    """KEY=VALUE pairs; a VALUE that parses as JSON is used as such (numbers, booleans, objects)."""
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise QueryError(f"--storage-option {pair!r}: use KEY=VALUE")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
-
-
 def run_query_cli(args: argparse.Namespace) -> int:
     """Run one `videoindex query` command: 0 on success, 2 (one stderr line) on a query error."""
     try:
         with open_index(args.output, parse_storage_options(args.storage_option)) as index:
             rows_to_format(args.run(index, args), args.format, args.output_file)
-    except QueryError as exc:
+    except (QueryError, ConfigError) as exc:
         print(f"videoindex query: {_one_line(exc)}", file=sys.stderr)
         return 2
     return 0

@@ -34,15 +34,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from videoindex import schema
+from videoindex.config import ConfigError, parse_storage_options
+from videoindex.extract import thumbnail_jpeg
 from videoindex.ledger import Ledger
-from videoindex.query import Index, QueryError, _matrix, _one_line, open_index, parse_storage_options
+from videoindex.query import Index, QueryError, _matrix, _one_line, open_index
 
 log = logging.getLogger(__name__)
 
 TEMPLATE = "report.html.j2"
 MAX_TIMELINE_CLIPS = 24  # clips shown per sampled video (evenly spread over longer videos)
 TOP_LABELS = 20  # bars per label histogram
-THUMB_SHORT_SIDE = 96  # same size as the thumbnails `videoindex run --thumbnails` stores
 SECRET_WORDS = ("storage_options", "secret", "token", "password", "key", "credential")
 NEIGHBOUR_COLUMNS = ["shard", "video_id", "clip_index", "uri", "start_s", "end_s", "label", "score",
                      "frame_indices"]  # fmt: skip
@@ -335,24 +336,12 @@ class Thumbnails:
                 clip["thumb"] = None
             return
         for clip, frame in zip(clips, frames, strict=True):
-            clip["thumb"] = _data_uri(_jpeg(frame))
+            clip["thumb"] = _data_uri(thumbnail_jpeg(frame))
             self.decoded += 1
 
     def note(self) -> dict[str, Any]:
         return {"stored": self.stored, "decoded": self.decoded, "missing": self.missing,
                 "failures": sorted(self.failures.items())[:5], "failed_sources": len(self.failures)}  # fmt: skip
-
-
-def _jpeg(frame: np.ndarray) -> bytes:
-    """uint8[H,W,3] -> JPEG bytes with short side THUMB_SHORT_SIDE."""
-    from PIL import Image
-
-    image = Image.fromarray(frame)
-    scale = THUMB_SHORT_SIDE / min(image.size)
-    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=80)
-    return buf.getvalue()
 
 
 def _data_uri(jpeg: bytes) -> str:
@@ -506,7 +495,7 @@ def run_report_cli(args: argparse.Namespace) -> int:
     try:
         path = render_report(args.output, args.out, storage_options=parse_storage_options(args.storage_option),
                              sample_videos=args.sample_videos, neighbours=args.neighbours, seed=args.seed)  # fmt: skip
-    except (QueryError, FileNotFoundError, PermissionError) as exc:
+    except (QueryError, ConfigError, FileNotFoundError, PermissionError) as exc:
         print(f"videoindex report: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(path)
