@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SEEK_MIN_FRAMES = 250  # PyAV: seek only when the first wanted frame is further than this from the start
 DECORD_THREADS = 1  # one decode task holds one CPU; 2 threads halve decord's time on 720p
+REMOTE_MAX_BLOCKS = 4  # 32 MiB of cached blocks per open video
 REMOTE_BLOCK_SIZE = 8 * 2**20  # bytes per read from object stores
 
 
@@ -87,24 +88,32 @@ class _Source:
             raise IsADirectoryError(f"{self.uri} is a directory, not a video file")
         return int(info.get("size") or 0)
 
-    def open(self) -> str | IO[bytes]:
-        """The path (local) or a file object kept open until close() (decord reads it whole)."""
-        if self.local:
-            return self.path
-        handle = self.fs.open(self.path, "rb", block_size=REMOTE_BLOCK_SIZE)
-        self._handles.append(handle)
+    def _handle(self) -> IO[bytes]:
+        """One remote file object per video, shared by the probe and the decoders and rewound for each,
+        with a small LRU of 8 MiB blocks: the file head is fetched once, not once per opener."""
+        if not self._handles:
+            self._handles.append(
+                self.fs.open(
+                    self.path,
+                    "rb",
+                    block_size=REMOTE_BLOCK_SIZE,
+                    cache_type="blockcache",
+                    cache_options={"maxblocks": REMOTE_MAX_BLOCKS},
+                )  # fmt: skip
+            )
+        handle = self._handles[0]
+        handle.seek(0)
         return handle
+
+    def open(self) -> str | IO[bytes]:
+        """The path (local) or the shared file object, kept open until close() (decord reads it whole)."""
+        return self.path if self.local else self._handle()
 
     @contextlib.contextmanager
     def container(self) -> Iterator[Any]:
-        """A PyAV input container; a remote file object is closed with it."""
-        handle = None if self.local else self.fs.open(self.path, "rb", block_size=REMOTE_BLOCK_SIZE)
-        try:
-            with av.open(handle or self.path, metadata_errors="ignore") as container:
-                yield container
-        finally:
-            if handle is not None:
-                handle.close()
+        """A PyAV input container over the path or the shared remote file object."""
+        with av.open(self.path if self.local else self._handle(), metadata_errors="ignore") as container:
+            yield container
 
     def close(self) -> None:
         for handle in self._handles:
