@@ -62,7 +62,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-clips-per-video", type=int, metavar="N")
     p.add_argument("--shard-size", type=int, metavar="N", help="videos per shard (default 64)")
     p.add_argument("--actors", type=int, metavar="N", help="model actors (default: one per GPU, else 1)")
-    p.add_argument("--batch-size", type=int, metavar="N", help="clips per model call (default 8)")
+    p.add_argument(
+        "--batch-size", type=int, metavar="N", help="clips per model call (default: 1 on CPU, 16 on CUDA)"
+    )
     p.add_argument("--decoder", choices=["decord", "pyav"], help="video decoder (default decord)")
     p.add_argument("--top-k", type=int, metavar="K", help="labels kept per clip (default 5)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -204,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from videoindex.runner import run_job
 
     samples = str(resources.files("videoindex") / "samples")
-    config = load_config(None, {"input.uri": samples, "output.uri": args.output, "execution.batch_size": 4})
+    config = load_config(None, {"input.uri": samples, "output.uri": args.output})
     try:
         resolve_model(config.model, config.preprocess)
     except ModelLoadError as exc:

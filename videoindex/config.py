@@ -101,13 +101,15 @@ class ExecutionConfig:
 
     address: str | None = None  # None: local Ray (or RAY_ADDRESS)
     actors: int | None = None
-    actor_num_cpus: float = 1.0
+    # Decoding a clip costs ~4% of a full-size CPU forward (benchmarks/README.md): on CPU the model
+    # takes the node minus two decode slots, and its torch threads round that up to every core.
+    actor_num_cpus: float | None = None  # None: 1 with a GPU; on CPU the node's CPUs - 2 x decode_num_cpus
     actor_num_gpus: float | None = None  # None: 1 per actor when the cluster has GPUs, else 0
-    decode_num_cpus: float = 1.0
+    decode_num_cpus: float = 0.25
     decode_in_flight: int = 4  # decode tasks queued per shard being processed
     shards_per_actor: int = 2  # shards an actor works on at once (overlaps shard boundaries)
-    batch_size: int = 8
-    torch_threads: int | None = None  # None: the actor's num_cpus, at least 1
+    batch_size: int | None = None  # None: 16 on CUDA, 1 on CPU (fastest per clip there)
+    torch_threads: int | None = None  # None: the actor's num_cpus rounded up, at least 1
     max_attempts: int = 3  # per shard, for infrastructure failures (actor or node lost)
     progress: bool = True
 
@@ -246,11 +248,14 @@ def validate(config: JobConfig) -> None:
         (config.model.top_k >= 1, "model.top_k must be >= 1"),
         (o.shard_size >= 1, "output.shard_size must be >= 1 video"),
         (x.actors is None or x.actors >= 1, "execution.actors must be >= 1"),
-        (x.batch_size >= 1, "execution.batch_size must be >= 1"),
+        (x.batch_size is None or x.batch_size >= 1, "execution.batch_size must be >= 1"),
         (x.max_attempts >= 1, "execution.max_attempts must be >= 1"),
         (x.decode_in_flight >= 1, "execution.decode_in_flight must be >= 1"),
         (x.shards_per_actor >= 1, "execution.shards_per_actor must be >= 1"),
-        (x.actor_num_cpus >= 0 and x.decode_num_cpus > 0, "execution: num_cpus must be positive"),
+        (
+            (x.actor_num_cpus is None or x.actor_num_cpus >= 0) and x.decode_num_cpus > 0,
+            "execution: num_cpus must be positive",
+        ),
         (all(e.startswith(".") for e in config.input.extensions), "input.extensions: write them as '.mp4'"),
     ]
     for ok, message in checks:

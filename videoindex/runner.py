@@ -10,7 +10,9 @@ deterministic files are overwritten by the next attempt.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -22,7 +24,7 @@ from typing import Any
 import ray
 
 from videoindex import __version__, plan, storage
-from videoindex.config import JobConfig
+from videoindex.config import ConfigError, JobConfig
 from videoindex.errors import RETRYABLE_ERROR_TYPES, DecodeError
 from videoindex.extract import ExtractRequest, ExtractResult, ExtractSettings, extract
 from videoindex.jobfile import JOB_FILE, check_compatible, job_record, read_job, refuse_foreign_tables
@@ -51,6 +53,8 @@ class ActorJob:
     model: ModelInfo
     settings: ExtractSettings
     output_root: str
+    actor_num_cpus: float = 1.0  # resolved from execution.actor_num_cpus and the cluster
+    batch_size: int = 1  # resolved from execution.batch_size and the device
 
 
 def _extract_task(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult:
@@ -178,7 +182,7 @@ class ModelActor:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         execution = job.config.execution
-        torch.set_num_threads(execution.torch_threads or max(1, int(execution.actor_num_cpus)))
+        torch.set_num_threads(execution.torch_threads or max(1, math.ceil(job.actor_num_cpus)))
         self.job = job
         info = resolve_model(job.config.model, job.config.preprocess)
         if info.weights_sha256 != job.model.weights_sha256:
@@ -211,7 +215,7 @@ class ModelActor:
             tasks,
             self.job.settings,
             self.classifier,
-            batch_size=self.job.config.execution.batch_size,
+            batch_size=self.job.batch_size,
             run_extracts=run,
         )
         tables = out.tables if video_ids is None else replace_videos(previous, out.tables, video_ids)
@@ -253,13 +257,31 @@ def _init_ray(config: JobConfig) -> None:
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
 
 
-def _actor_resources(config: JobConfig) -> tuple[int, float]:
+def _actor_resources(config: JobConfig) -> tuple[int, float, float]:
+    """(actors, GPUs per actor, CPUs per actor). On CPU an actor takes its node but two decode slots."""
+    x = config.execution
     gpus = ray.cluster_resources().get("GPU", 0)
-    num_gpus = config.execution.actor_num_gpus
+    num_gpus = x.actor_num_gpus
     if num_gpus is None:
         num_gpus = 1.0 if gpus and config.model.device != "cpu" else 0.0
-    actors = config.execution.actors or (max(1, int(gpus / num_gpus)) if num_gpus else 1)
-    return actors, num_gpus
+    actors = x.actors or (max(1, int(gpus / num_gpus)) if num_gpus else 1)
+    num_cpus = x.actor_num_cpus
+    if num_cpus is None:
+        cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+        node_cpus = min((c for c in cpus if c > 0), default=1)  # a 0-CPU head runs no actor
+        num_cpus = 1.0 if num_gpus else max(x.decode_num_cpus, node_cpus - 2 * x.decode_num_cpus)
+    total = ray.cluster_resources().get("CPU", 0)
+    if num_cpus + x.decode_num_cpus > total:
+        raise ConfigError(
+            f"execution: an actor ({num_cpus:g} CPU) plus one decode task ({x.decode_num_cpus:g} CPU) need more "
+            f"than the cluster's {total:g} CPUs: decode tasks could never run. Lower execution.actor_num_cpus "
+            "or execution.decode_num_cpus."
+        )
+    return actors, num_gpus, num_cpus
+
+
+def _batch_size(config: JobConfig, num_gpus: float) -> int:
+    return config.execution.batch_size or (16 if num_gpus else 1)
 
 
 class _Dispatcher:
@@ -270,7 +292,7 @@ class _Dispatcher:
         self.ledger = ledger
         execution = job.config.execution
         self.actor_cls = ray.remote(ModelActor).options(
-            num_cpus=execution.actor_num_cpus,
+            num_cpus=job.actor_num_cpus,
             num_gpus=num_gpus,
             max_restarts=-1,
             max_concurrency=execution.shards_per_actor + 1,
@@ -407,7 +429,11 @@ def run_job(
     result = JobResult(EXIT_OK, {"output": config.output.uri, "shards": shards, "shards_to_run": len(queue)})
     if queue:
         _init_ray(config)
-        actors, num_gpus = _actor_resources(config)
+        actors, num_gpus, num_cpus = _actor_resources(config)
+        job = dataclasses.replace(job, actor_num_cpus=num_cpus, batch_size=_batch_size(config, num_gpus))
+        log.info("execution: %d actor(s) x %g CPU (torch threads %d), %g GPU; decode tasks %g CPU; batch %d",
+                 actors, num_cpus, config.execution.torch_threads or max(1, math.ceil(num_cpus)), num_gpus,
+                 config.execution.decode_num_cpus, job.batch_size)  # fmt: skip
         dispatcher = _Dispatcher(job, ledger, min(actors, len(queue)), num_gpus)
         from videoindex.progress import JobProgress
 

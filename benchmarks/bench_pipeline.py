@@ -1,0 +1,345 @@
+"""Is the model kept fed? Decode, model and end-to-end throughput of videoindex, measured in one run.
+
+    .venv/bin/python benchmarks/bench_pipeline.py [--model full|tiny] [--videos 4] [--seconds 30]
+        [--size 640x360] [--device auto|cpu|cuda] [--batch-sizes 1,4,8]
+        [--set execution.actor_num_cpus=1 --set execution.torch_threads=2 ...]
+
+Input: the bundled sample videos plus ``--videos`` synthetic H.264 videos of ``--seconds`` s (cached
+under ``--workdir``). Measured, all on the same input and the same sampling (sliding, stride 4):
+
+  (a) decode-only clips/s: ``extract()`` in one process, then as Ray tasks on every core;
+  (b) model-only clips/s of ``VideoClassifier`` at each batch size (uint8 clips in, on the device);
+  (c) end-to-end clips/s of ``videoindex run`` (``run_job``) with the ``--set`` execution overrides;
+  (d) a naive loop the way the model card shows it: decord, the HF image processor, one forward per clip.
+
+Printed: the table, e2e / min(decode limit, model limit), e2e / naive, the CPU split of the e2e run,
+and peak RSS of the driver, a model actor and a decode worker plus object store use (first and second
+half of the e2e run, to show they stay flat). On CUDA the same script runs unchanged (``--device cuda``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import MemorySampler, cpu_seconds, markdown_table, prepare_input, timed  # noqa: E402
+from videoindex import plan  # noqa: E402
+from videoindex.config import InputConfig, JobConfig, load_config  # noqa: E402
+from videoindex.extract import ExtractRequest, ExtractSettings, extract, follow_up_requests  # noqa: E402
+from videoindex.model import ModelInfo, VideoClassifier, resolve_model  # noqa: E402
+from videoindex.sampling import plan_clips  # noqa: E402
+
+log = logging.getLogger("bench_pipeline")
+CPUS = os.cpu_count() or 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=("full", "tiny"), default="full",
+                        help="full: the default checkpoint's architecture (random weights); tiny: 2-layer test model")  # fmt: skip
+    parser.add_argument("--videos", type=int, default=4, help="synthetic videos besides the 3 samples")
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of each synthetic video")
+    parser.add_argument("--size", default="640x360", help="synthetic video WIDTHxHEIGHT")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--batch-sizes", default="1,4,8", help="model-only batch sizes")
+    parser.add_argument("--model-seconds", type=float, default=6.0, help="minimum time per model-only point")
+    parser.add_argument("--naive-clips", type=int, default=16, help="clips the naive loop runs (it is slow)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="job config override for the e2e run, e.g. execution.torch_threads=2")  # fmt: skip
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "videoindex-bench")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: naive,model,decode")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+def job_config(args: argparse.Namespace, folder: Path, output: Path, model_dir: Path | None) -> JobConfig:
+    overrides: dict[str, Any] = {
+        "input.uri": str(folder),
+        "output.uri": str(output),
+        "model.device": args.device,
+        "execution.progress": False,
+    }
+    if model_dir is None:
+        overrides["model.random_weights"] = True
+    else:
+        overrides["model.name"] = str(model_dir)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = value.strip()
+    return load_config(None, overrides)
+
+
+def tiny_model_dir(workdir: Path) -> Path:
+    from tests.tinymodel import make_tiny_videomae
+
+    folder = workdir / "tiny-videomae"
+    if not (folder / "config.json").exists():
+        make_tiny_videomae(folder)
+    return folder
+
+
+def extract_settings(config: JobConfig, info: ModelInfo) -> ExtractSettings:
+    return ExtractSettings(sampling=config.sampling, decode=config.decode, preprocess=info.preprocess,
+                           clip_len=info.num_frames)  # fmt: skip
+
+
+def video_tasks(folder: Path) -> list[plan.VideoTask]:
+    return plan.shard_tasks(plan.make_plan(plan.list_inputs(InputConfig(uri=str(folder))), 1_000_000))
+
+
+# ------------------------------------------------------------------------------------------- decode
+
+
+def decode_one_worker(tasks: list[plan.VideoTask], settings: ExtractSettings) -> tuple[int, float, float]:
+    """(clips, wall s, CPU s): every clip of every video decoded and cropped in this process, 1 thread."""
+    torch.set_num_threads(1)
+    queue = deque(ExtractRequest(video=t) for t in tasks)
+    clips, started, cpu = 0, time.perf_counter(), cpu_seconds()
+    while queue:
+        result = extract(queue.popleft(), settings)
+        if result.request.chunk == 0 and result.error is None:
+            queue.extend(follow_up_requests(result, settings.decode.chunk_clips))
+        clips += len(result.clips)
+    return clips, time.perf_counter() - started, cpu_seconds() - cpu
+
+
+def decode_all_workers(tasks: list[plan.VideoTask], settings: ExtractSettings) -> tuple[int, float]:
+    """(clips, seconds): the same work as Ray tasks, one per CPU at a time; clips travel back as objects."""
+    import ray
+
+    from videoindex.runner import _extract_task
+
+    task = ray.remote(_extract_task).options(num_cpus=1)
+    ray.get([task.remote(ExtractRequest(video=t), settings) for t in tasks[:CPUS]])  # start the workers
+    pending = {task.remote(ExtractRequest(video=t), settings) for t in tasks}
+    clips, started = 0, time.perf_counter()
+    while pending:
+        ready, rest = ray.wait(list(pending), num_returns=1)
+        pending = set(rest)
+        result = ray.get(ready[0])
+        if result.request.chunk == 0 and result.error is None:
+            pending |= {
+                task.remote(r, settings) for r in follow_up_requests(result, settings.decode.chunk_clips)
+            }
+        clips += len(result.clips)
+    return clips, time.perf_counter() - started
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+def model_only(
+    info: ModelInfo, config: JobConfig, batch_sizes: list[int], min_s: float
+) -> dict[int, tuple[float, float]]:
+    """(clips/s, CPU s/clip) of VideoClassifier on random uint8 clips per batch size, torch on every core."""
+    torch.set_num_threads(CPUS)
+    classifier = VideoClassifier(info, config.model)
+    size = info.preprocess.crop_size
+    out = {}
+    for batch in batch_sizes:
+        clips = np.random.default_rng(0).integers(0, 256, (batch, info.num_frames, size, size, 3), np.uint8)
+        classifier(clips)  # warm-up (allocator, kernels; CUDA graphs/compile when enabled)
+        done, seconds, cpu = timed(lambda c=clips, f=classifier: (_sync(f(c)), len(c))[1], min_s=min_s)
+        out[batch] = (done / seconds, cpu / done)
+    del classifier
+    gc.collect()
+    return out
+
+
+def _sync(_: Any) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def naive_loop(
+    tasks: list[plan.VideoTask], info: ModelInfo, config: JobConfig, max_clips: int
+) -> tuple[int, float]:
+    """(clips, seconds) of the model card's recipe: decord clip -> image processor -> forward, batch 1.
+
+    Same clips as the pipeline (sliding sampling), torch on every core, the device of the pipeline.
+    """
+    import decord
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+    from transformers.models.videomae.image_processing_pil_videomae import VideoMAEImageProcessorPil
+
+    torch.set_num_threads(CPUS)
+    spec = info.preprocess
+    processor = VideoMAEImageProcessorPil(size={"shortest_edge": spec.resize_short_side},
+                                          crop_size={"height": spec.crop_size, "width": spec.crop_size},
+                                          image_mean=list(spec.mean), image_std=list(spec.std))  # fmt: skip
+    device = torch.device("cuda" if config.model.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if info.random_weights:
+        torch.manual_seed(0)
+        model = VideoMAEForVideoClassification(VideoMAEConfig.from_dict(info.config))
+    else:
+        model = VideoMAEForVideoClassification.from_pretrained(info.model_dir)
+    model = model.to(device).eval()
+    done, started = 0, time.perf_counter()
+    for task in tasks:
+        reader = decord.VideoReader(task.uri, num_threads=1, ctx=decord.cpu(0))
+        for spec_clip in plan_clips(len(reader), config.sampling, info.num_frames):
+            video = reader.get_batch(list(spec_clip.frame_indices)).asnumpy()
+            inputs = processor(list(video), return_tensors="pt").to(device)
+            with torch.no_grad():
+                model(**inputs).logits.argmax(-1).item()
+            done += 1
+            if done >= max_clips:
+                return done, time.perf_counter() - started
+        del reader
+    return done, time.perf_counter() - started
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def end_to_end(config: JobConfig) -> dict[str, Any]:
+    """Run the job on a fresh local Ray; clips/s over the actors' busy span and over the whole call."""
+    from videoindex.runner import run_job
+
+    shutil.rmtree(config.output.uri, ignore_errors=True)
+    cpu = cpu_seconds()
+    with MemorySampler() as memory:
+        started = time.perf_counter()
+        result = run_job(config)
+        wall = time.perf_counter() - started
+    cpu = {"driver": cpu_seconds() - cpu, **memory.cpu_by_role()}
+    if result.exit_code != 0:
+        raise RuntimeError(f"e2e run failed: {result.summary}")
+    stats = [
+        json.loads(p.read_text())
+        for p in sorted(Path(config.output.uri, "_ledger", "committed").glob("*.json"))
+    ]
+    return {"clips": result.summary["clips"], "busy_cps": result.summary["clips_per_s"],
+            "wall_cps": result.summary["clips"] / wall, "wall_s": wall, "memory": memory.peaks(),
+            "decode_s": sum(s.get("decode_s", 0) for s in stats), "infer_s": sum(s.get("infer_s", 0) for s in stats),
+            "busy_s": result.summary["clips"] / result.summary["clips_per_s"], "cpu": cpu}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def machine() -> str:
+    import psutil
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{CPUS} CPUs ({platform.processor() or platform.machine()}), {psutil.virtual_memory().total / 2**30:.0f} GiB, {gpu}"
+
+
+def report(r: dict[str, Any], config: JobConfig) -> None:
+    x, e2e, nan = config.execution, r["e2e"], float("nan")
+    model = r.get("model", {})
+    model_limit = max((cps for cps, _ in model.values()), default=nan)
+    decode_limit = r.get("decode_all", nan)
+    decode_cpu = r.get("decode_one_cpu", nan)  # CPU s per clip, decode
+    cpus = "auto" if x.actor_num_cpus is None else f"{x.actor_num_cpus:g}"
+    threads = x.torch_threads or ("auto" if x.actor_num_cpus is None else max(1, int(x.actor_num_cpus)))
+    split = (f"actor {cpus} CPU, torch_threads {threads}, decode {x.decode_num_cpus:g} CPU "
+             f"x {x.decode_in_flight} in flight, batch {x.batch_size or 'auto'}")  # fmt: skip
+    e2e_cpu = sum(e2e["cpu"].values()) / e2e["clips"]
+    rows = [("decode-only, 1 worker", "1 process, 1 thread", r.get("decode_one", nan), decode_cpu),
+            (f"decode-only, all workers ({CPUS})", f"{CPUS} Ray tasks", decode_limit, "")]  # fmt: skip
+    rows += [(f"model-only, batch {b}", f"{CPUS} torch threads", cps, c) for b, (cps, c) in model.items()]
+    rows += [("end-to-end (videoindex run), busy span", split, e2e["busy_cps"], e2e_cpu),
+             ("end-to-end, whole call (Ray start, model load)", "", e2e["wall_cps"], ""),
+             ("naive loop (model card)", f"batch 1, {CPUS} torch threads", r.get("naive", nan), r.get("naive_cpu", ""))]  # fmt: skip
+    load = f"load average {r['load'][0]:.1f} at start, {os.getloadavg()[0]:.1f} at end"
+    print(
+        f"\n{machine()}; {load}; {r['clips']} clips from {r['videos']} videos; {r['model_name']}; {r['device']}\n"
+    )
+    print(markdown_table(["measure", "setting", "clips/s", "CPU s/clip"], rows))
+    limit = min(model_limit, decode_limit)
+    print(
+        f"\ne2e / min(decode limit, model limit) = {e2e['busy_cps']:.3f} / {limit:.3f} = {e2e['busy_cps'] / limit:.2f}"
+    )
+    print(
+        f"e2e / naive = {e2e['busy_cps']:.3f} / {r.get('naive', nan):.3f} = {e2e['busy_cps'] / r.get('naive', nan):.2f}"
+    )
+    if r["device"] == "cpu":
+        shared = 1 / (1 / model_limit + 1 / decode_limit)
+        best_cpu = model.get(x.batch_size or 1, (nan, nan))[1] + decode_cpu
+        print(f"decode and model share the same {CPUS} cores: shared-core bound 1/(1/d+1/m) = {shared:.3f} "
+              f"clips/s (e2e / that = {e2e['busy_cps'] / shared:.2f}); CPU s per clip: model-only batch "
+              f"{x.batch_size or 1} + decode-only = {best_cpu:.2f}, e2e = {e2e_cpu:.2f} (efficiency {best_cpu / e2e_cpu:.2f})")  # fmt: skip
+    cpu = ", ".join(f"{k} {v:.0f} s" for k, v in e2e["cpu"].items())
+    print(f"e2e: actor busy {e2e['busy_s']:.1f} s, of which model {e2e['infer_s']:.1f} s; CPU time {cpu}")
+    mem = [(role, f"{a:.0f}", f"{b:.0f}") for role, (a, b) in e2e["memory"].items()]
+    print("\nPeak memory during the e2e run (MiB; RSS per process, object store bytes used):\n")
+    print(markdown_table(["process", "first half", "second half"], mem))
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Ray runs its workers at nice 15; the model-only and decode-only figures are taken in this process
+    # (nice 0). On a machine shared with other work that alone would skew the ratios, so all run at 0.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    args = parse_args(argv)
+    width, height = (int(v) for v in args.size.split("x"))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    folder = prepare_input(args.workdir, videos=args.videos, seconds=args.seconds, size=(width, height))
+    print(f"input ready in {time.perf_counter() - t0:.0f} s: {folder}", flush=True)
+    model_dir = tiny_model_dir(args.workdir) if args.model == "tiny" else None
+    config = job_config(args, folder, args.workdir / "output", model_dir)
+    info = resolve_model(config.model, config.preprocess)
+    settings = extract_settings(config, info)
+    tasks = video_tasks(folder)
+    skip = set(filter(None, args.skip.split(",")))
+    device = "cuda" if config.model.device != "cpu" and torch.cuda.is_available() else "cpu"
+    r: dict[str, Any] = {
+        "load": os.getloadavg(),
+        "videos": len(tasks),
+        "model_name": info.tag,
+        "device": device,
+    }
+    import ray
+
+    ray.init(
+        address="local", num_cpus=CPUS, include_dashboard=False, logging_level="WARNING", log_to_driver=False
+    )
+    r["e2e"] = end_to_end(config)
+    r["clips"] = r["e2e"]["clips"]
+    print(f"e2e: {r['e2e']['busy_cps']:.3f} clips/s", flush=True)
+    if "decode" not in skip:
+        clips, seconds = decode_all_workers(tasks, settings)
+        r["decode_all"] = clips / seconds
+    ray.shutdown()
+    if "decode" not in skip:
+        clips, seconds, cpu = decode_one_worker(tasks, settings)
+        r["decode_one"], r["decode_one_cpu"] = clips / seconds, cpu / clips
+        print(f"decode: {r['decode_one']:.2f} (1 worker), {r['decode_all']:.2f} clips/s (all)", flush=True)
+    if "model" not in skip:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+        r["model"] = model_only(info, config, batch_sizes, args.model_seconds)
+        print(f"model: {r['model']}", flush=True)
+    if "naive" not in skip:
+        cpu = cpu_seconds()
+        clips, seconds = naive_loop(tasks, info, config, args.naive_clips)
+        r["naive"], r["naive_cpu"] = clips / seconds, (cpu_seconds() - cpu) / clips
+    report(r, config)
+    print(f"\ntotal benchmark time {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
