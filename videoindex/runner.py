@@ -467,6 +467,10 @@ def summarize(ledger: Ledger, shards: int) -> dict[str, Any]:
     }
 
 
+def _without_redacted(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_redacted(v) if isinstance(v, dict) else v for k, v in options.items() if v != "***"}
+
+
 def job_config_from_output(
     output: str, storage_options: dict[str, Any] | None = None, **overrides: Any
 ) -> JobConfig:
@@ -482,9 +486,8 @@ def job_config_from_output(
         for key, value in values.items():
             flat[f"{section}.{key}"] = value
     flat["output.uri"] = output
-    if storage_options:
-        flat["output.storage_options"] = storage_options
-        if flat.get("input.storage_options") and "***" in str(flat["input.storage_options"]):
-            flat["input.storage_options"] = storage_options
+    for side in ("input", "output"):  # secrets were redacted in _job.json: never reuse the "***" placeholders
+        kept = _without_redacted(flat.get(f"{side}.storage_options") or {})
+        flat[f"{side}.storage_options"] = {**kept, **(storage_options or {})}
     flat.update({k: v for k, v in overrides.items() if v is not None})
     return load_config(None, flat)
