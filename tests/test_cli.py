@@ -46,6 +46,8 @@ def test_some_videos_failed_exit_code(ray_session, tiny_model_dir, sample_videos
         (["run", "{in}", "{out}"], "--model"),  # offline, no weights: say how to pass a checkpoint
         (["status", "{tmp}"], "not a videoindex output"),
         (["resume", "{tmp}"], "not a videoindex output"),
+        (["status", "raysubmit_abc123"], "neither an output directory/URI nor"),
+        (["run", "{in}", "{in}/demo.mp4/out", "--random-weights"], "NotADirectoryError"),  # an OSError
     ],
 )
 def test_bad_input_one_clear_line(sample_videos, tmp_path, capsys, argv, message):

@@ -45,3 +45,14 @@ def test_output_affecting_ignores_execution():
     c = to_dict(load_config(None, {"input.uri": "/in", "output.uri": "/out", "sampling.clip_stride": 2}))
     assert output_affecting(a) == output_affecting(b)
     assert output_affecting(a) != output_affecting(c)
+
+
+@pytest.mark.parametrize(
+    "key", ["connection_string", "account_key", "sas_token", "signature", "client_secret", "auth", "password"]
+)
+def test_redact_hides_every_secret_looking_key(key):
+    from videoindex.config import redact
+
+    out = redact({key: "hunter2", "nested": {key: "hunter2"}, "endpoint_url": "http://x", "key_prefix": "p/"})
+    assert "hunter2" not in str(out)
+    assert out["endpoint_url"] == "http://x" and out["key_prefix"] == "p/"

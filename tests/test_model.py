@@ -216,3 +216,44 @@ def test_matches_plain_transformers_path(
     assert cosine.min() >= 0.999
     assert np.mean(agree) >= 0.95
     assert 1 - closest_other > 100 * (1 - cosine.min())  # clips differ far more than the two paths do
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_path_on_each_device(tiny_model_dir: Path, device: str, dtype: str) -> None:
+    """The path CUDA takes by default (half precision weights, uint8 moved first and normalised on the
+    device, float32 outputs) runs here with the device as a parameter, against float32 on CPU."""
+    reference = load(tiny_model_dir, device="cpu", dtype="float32")
+    half = load(tiny_model_dir, device=device, dtype=dtype)
+    assert next(half.model.parameters()).dtype == getattr(torch, dtype)
+    assert half.device.type == device
+    clips = random_clips(3, seed=7)
+    ref, out = reference(clips), half(clips)
+    assert out.logits.dtype == out.embeddings.dtype == np.float32  # Parquet columns stay float32
+    assert out.logits.shape == ref.logits.shape and out.embeddings.shape == ref.embeddings.shape
+    cosine = (out.embeddings * ref.embeddings).sum(1) / (
+        np.linalg.norm(out.embeddings, axis=1) * np.linalg.norm(ref.embeddings, axis=1)
+    )
+    assert cosine.min() > 0.99, cosine
+    np.testing.assert_allclose(out.probs.sum(1), 1.0, atol=1e-5)
+    assert not np.array_equal(out.logits, ref.logits)  # really ran in half precision
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_dtype_and_batch_follow_the_device(device: str) -> None:
+    from videoindex.config import load_config
+    from videoindex.model import _pick_dtype
+    from videoindex.runner import _batch_size
+
+    expected = {"cpu": (torch.float32, 1), "cuda": (torch.bfloat16, 16)}[device]
+    config = load_config(None, {"input.uri": "/in", "output.uri": "/out"})
+    assert (
+        _pick_dtype("auto", torch.device(device)),
+        _batch_size(config, 1.0 if device == "cuda" else 0.0),
+    ) == expected

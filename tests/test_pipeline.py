@@ -180,7 +180,9 @@ def test_tables_match_plain_transformers_path(ray_session, sample_videos, tmp_pa
     )  # fmt: skip
     assert run_job(config).exit_code == 0
     clips = ds.dataset(output / "clips", partitioning="hive").to_table().to_pylist()
-    assert len(clips) == 2 + 3 and all("RANDOM WEIGHTS" in c["model"] for c in clips)  # carphone: 120 frames, 2 clips
+    assert len(clips) == 2 + 3 and all(
+        "RANDOM WEIGHTS" in c["model"] for c in clips
+    )  # carphone: 120 frames, 2 clips
 
     cfg = ModelConfig(random_weights=True)
     model = VideoClassifier(resolve_model(cfg, PreprocessConfig()), cfg).model
@@ -203,3 +205,51 @@ def test_tables_match_plain_transformers_path(ray_session, sample_videos, tmp_pa
     print(f"\nmin cosine {min(cosines):.6f}, top-1 agreement {np.mean(agree):.0%} over {len(clips)} clips")
     assert min(cosines) >= 0.999
     assert np.mean(agree) >= 0.95
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"execution.actors": 2, "execution.actor_num_cpus": 1}, "decode tasks could never run"),
+        ({"execution.actor_num_gpus": 1}, "GPUs but the cluster has 0"),
+    ],
+)
+def test_splits_that_cannot_run_are_refused(
+    ray_session, tiny_model_dir, sample_videos, tmp_path, extra, message
+):
+    from videoindex.config import ConfigError
+
+    config = _config(
+        str(sample_videos), tmp_path / "out", tiny_model_dir, **{"output.shard_size": 1, **extra}
+    )
+    with pytest.raises(ConfigError, match=message):
+        run_job(config)
+
+
+def test_failing_shard_gets_max_attempts_in_every_run(ray_session, tiny_model_dir, sample_videos, tmp_path):
+    """A crash between writing the plan and _job.json leaves a lone _plan/: a new run takes the output.
+    A shard that keeps failing gets execution.max_attempts tries per run, then commits once repaired."""
+    from videoindex import storage
+    from videoindex.ledger import Ledger
+
+    output = tmp_path / "out"
+    (output / "_plan").mkdir(parents=True)
+    (output / "_plan" / "plan.parquet").write_bytes(b"half a plan from a killed driver")
+    config = _config(str(sample_videos), output, tiny_model_dir, **{"execution.max_attempts": 2})
+    assert run_job(config).exit_code == 0
+    clean = _table_hashes(output)
+
+    ledger = Ledger(*storage.filesystem(str(output)))
+    ledger.uncommit(0)
+    partition = output / "clips" / "shard=00000"
+    shutil.rmtree(partition)
+    partition.write_text("")  # a file where the shard's folder goes: its files can no longer be written
+    for run in (1, 2):
+        result = run_job(config, resume=True)
+        assert result.exit_code == 2 and 0 in result.summary["failed_shards"]
+        failed = [a for a in ledger.attempt_records() if a.get("event") == "failed"]
+        assert len(failed) == 2 * run, failed  # two tries in each run, not one after the first run
+    partition.unlink()
+    assert run_job(config, resume=True).exit_code == 0
+    assert _table_hashes(output) == clean
+    assert not list(output.rglob(".*.tmp-*"))

@@ -9,6 +9,7 @@ Exit codes (every subcommand):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -61,7 +62,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-clips-per-video", type=int, metavar="N")
     p.add_argument("--shard-size", type=int, metavar="N", help="videos per shard (default 64)")
-    p.add_argument("--actors", type=int, metavar="N", help="model actors (default: one per GPU, else 1)")
+    p.add_argument(
+        "--actors", type=int, metavar="N", help="model actors (default: one per GPU, else one per CPU node)"
+    )
     p.add_argument(
         "--batch-size", type=int, metavar="N", help="clips per model call (default: 1 on CPU, 16 on CUDA)"
     )
@@ -192,32 +195,35 @@ def _print_summary(summary: dict[str, Any], random_weights: bool) -> None:
         print("  !! RANDOM WEIGHTS: labels and scores are meaningless (recorded in _job.json and every row)")
 
 
+def _progress(args: argparse.Namespace) -> bool | None:
+    """--no-progress turns the bar off; otherwise execution.progress (config) decides."""
+    return False if args.no_progress else None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from videoindex.runner import run_job
 
     config = load_config(args.config, _overrides(args))
-    result = run_job(config, rerun=args.rerun, progress=not args.no_progress)
+    result = run_job(config, rerun=args.rerun, progress=_progress(args))
     _print_summary(result.summary, config.model.random_weights)
     return result.exit_code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from videoindex.model import ModelLoadError, resolve_model
+    from videoindex.model import ModelLoadError
     from videoindex.runner import run_job
 
     samples = str(resources.files("videoindex") / "samples")
     config = load_config(None, {"input.uri": samples, "output.uri": args.output})
     try:
-        resolve_model(config.model, config.preprocess)
+        result = run_job(config)  # resolves the model before anything is written
     except ModelLoadError as exc:
         banner = "!" * 100
         print(f"{banner}\n!! videoindex demo: the model {config.model.name} cannot be loaded here:\n!!   {str(exc).splitlines()[0]}\n"
               "!! The demo runs with RANDOM WEIGHTS of the real architecture: labels are meaningless.\n"
               f"!! This is recorded in {args.output}/_job.json and in every row's `model` column.\n{banner}", file=sys.stderr)  # fmt: skip
-        config = config.replace(
-            model=config.model.__class__(**{**config.model.__dict__, "random_weights": True})
-        )
-    result = run_job(config)
+        config = config.replace(model=dataclasses.replace(config.model, random_weights=True))
+        result = run_job(config)
     _print_summary(result.summary, config.model.random_weights)
     print(f"  try: videoindex status {args.output}   |   videoindex query {args.output} summary")
     return result.exit_code
@@ -233,7 +239,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     }
     config = job_config_from_output(args.output, parse_storage_options(args.storage_option), **overrides)
     result = run_job(config, resume=True, retry_failed=args.retry_failed, retry_all_errors=args.retry_all and args.retry_failed,
-                     progress=not args.no_progress)  # fmt: skip
+                     progress=_progress(args))  # fmt: skip
     _print_summary(result.summary, config.model.random_weights)
     return result.exit_code
 
@@ -241,7 +247,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from videoindex.status import job_status, render_status
 
-    if args.address and "/" not in args.output:
+    if not _looks_like_output(args.output):
+        if not args.address:
+            raise ConfigError(
+                f"{args.output} is neither an output directory/URI nor (without --address) a submission id"
+            )
         from videoindex.submit import job_status as submission_status
 
         print(json.dumps(submission_status(args.address, args.output), indent=2, default=str))
@@ -249,6 +259,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     report = job_status(args.output, parse_storage_options(args.storage_option))
     print(json.dumps(report, indent=2, default=str) if args.json else render_status(report))
     return 0
+
+
+def _looks_like_output(target: str) -> bool:
+    """An OUTPUT is a URI or an existing path; anything else is taken as a Ray job submission id."""
+    import os
+
+    return "://" in target or os.path.exists(target)
 
 
 def _plugin_handler(command: str) -> Any:
@@ -282,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"videoindex {args.command}: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        from ray.exceptions import RayError
+
         from videoindex.jobfile import JobMismatchError
         from videoindex.model import ModelLoadError
         from videoindex.plan import PlanError
@@ -289,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, (JobMismatchError, ModelLoadError, PlanError, SubmitError)):
             print(f"videoindex {args.command}: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, (OSError, RayError)):  # storage, network, cluster: one line, named
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print(f"videoindex {args.command}: {type(exc).__name__}: {first}", file=sys.stderr)
             return 2
         raise
 

@@ -19,7 +19,8 @@ DEFAULT_MODEL = "MCG-NJU/videomae-small-finetuned-ssv2"
 VIDEO_EXTENSIONS = (
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".wmv", ".flv", ".3gp", ".ogv",
 )  # fmt: skip
-SECRET_KEY_PARTS = ("secret", "token", "password", "key", "credential", "session")
+SECRET_KEY_PARTS = ("secret", "token", "password", "key", "credential", "session", "connection_string",
+                    "signature", "sas", "auth")  # fmt: skip
 
 
 class ConfigError(ValueError):

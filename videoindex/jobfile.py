@@ -89,7 +89,7 @@ def check_compatible(existing: dict[str, Any], config: JobConfig, info: Any, roo
 
 def refuse_foreign_tables(fs: Any, root: str, root_uri: str) -> None:
     """An OUTPUT with tables but no _job.json belongs to something else: never write into it."""
-    for name in (*TABLES, "_ledger", "_plan"):
+    for name in (*TABLES, "_ledger"):  # a lone _plan/ is a plan whose _job.json was never written
         if storage.exists(fs, storage.join(root, name)):
             raise JobMismatchError(
                 f"{root_uri} holds '{name}/' but no {JOB_FILE}: it is not a videoindex output of this job "

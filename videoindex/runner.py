@@ -32,6 +32,7 @@ from videoindex.ledger import Ledger
 from videoindex.model import ModelInfo, VideoClassifier, resolve_model
 from videoindex.schema import shard_name
 from videoindex.shard import index_shard, replace_videos, stats_from_tables
+from videoindex.status import summarize
 from videoindex.write import file_metadata, read_shard_tables, write_shard_tables
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,25 @@ class _Metrics:
         )
 
 
+class _Counters:
+    """Progress counters of one actor, bumped by its shard threads and read by the driver."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.values = {"videos": 0, "clips": 0, "errors": 0, "chunks": 0}
+
+    def add(self, **deltas: int) -> None:
+        with self.lock:
+            for key, delta in deltas.items():
+                self.values[key] += delta
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.values)
+
+
 def ray_extract_window(
-    settings: ExtractSettings, config: JobConfig, counters: dict[str, int], metrics: _Metrics | None = None
+    settings: ExtractSettings, config: JobConfig, counters: _Counters, metrics: _Metrics | None = None
 ):
     """A run_extracts for index_shard: a bounded, ordered window of Ray decode tasks with a timeout.
 
@@ -138,8 +156,9 @@ def ray_extract_window(
                             "decoder_crash", "decode", f"{request.video.uri}: decode worker died: {text}"
                         ),
                     )
-            counters["chunks"] += 1
-            counters["clips"] += len(result.clips)
+            first = request.chunk == 0
+            counters.add(chunks=1, clips=len(result.clips), videos=int(first),
+                         errors=int(first and result.error is not None))  # fmt: skip
             if metrics is not None:
                 metrics.queue.set(len(window))
                 metrics.decode.observe(result.decode_s)
@@ -147,10 +166,6 @@ def ray_extract_window(
                     metrics.clips.inc(len(result.clips))
                 if request.chunk == 0:
                     metrics.videos.inc(1, tags={"status": "error" if result.error else "ok"})
-            if result.error is not None and request.chunk == 0:
-                counters["errors"] += 1
-            if request.chunk == 0:
-                counters["videos"] += 1
             yield result
 
     return run
@@ -193,7 +208,7 @@ class ModelActor:
         self.classifier = _LockedClassifier(VideoClassifier(info, job.config.model), self.metrics)
         self.fs, self.root = storage.filesystem(job.output_root, job.config.output.storage_options)
         self.ledger = Ledger(self.fs, self.root)
-        self.counters = {"videos": 0, "clips": 0, "errors": 0, "chunks": 0}
+        self.counters = _Counters()
         self.metadata = file_metadata(info, __version__)
 
     def index(self, shard: int, attempt: int, video_ids: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -206,7 +221,6 @@ class ModelActor:
         started = time.time()
         tasks = plan.shard_tasks(plan.read_plan(self.fs, self.root, shard))
         if video_ids is not None:
-            self.ledger.uncommit(shard)  # readers stop seeing the shard until its new files are committed
             previous = read_shard_tables(self.fs, self.root, shard)
             tasks = [t for t in tasks if t.video_id in set(video_ids)]
         log.info("[shard %s] attempt %d: %d videos", shard_name(shard), attempt, len(tasks))
@@ -218,7 +232,12 @@ class ModelActor:
             batch_size=self.job.batch_size,
             run_extracts=run,
         )
-        tables = out.tables if video_ids is None else replace_videos(previous, out.tables, video_ids)
+        tables = out.tables
+        if video_ids is not None:
+            tables = replace_videos(previous, out.tables, video_ids)
+            # Readers keep the old rows while the videos are re-indexed, then stop seeing the shard for
+            # the few writes until its new files are committed (a crash here leaves it to a full rerun).
+            self.ledger.uncommit(shard)
         written = write_shard_tables(self.fs, self.root, shard, tables, metadata=self.metadata,
                                      clips_row_group_size=self.job.config.output.clips_row_group_size)  # fmt: skip
         stats = {**out.stats, **stats_from_tables(tables), "shard": shard, "attempt": attempt, "started_at": started,
@@ -228,7 +247,7 @@ class ModelActor:
         return stats
 
     def progress(self) -> dict[str, int]:
-        return dict(self.counters)
+        return self.counters.snapshot()
 
 
 def _resolve_plan(config: JobConfig, info: ModelInfo, fs: Any, root: str, *, must_exist: bool) -> int:
@@ -243,8 +262,9 @@ def _resolve_plan(config: JobConfig, info: ModelInfo, fs: Any, root: str, *, mus
     refuse_foreign_tables(fs, root, config.output.uri)
     table = plan.make_plan(plan.list_inputs(config.input), config.output.shard_size)
     shards = len(plan.shard_ids(table))
-    storage.write_json(fs, storage.join(root, JOB_FILE), job_record(config, info, table.num_rows, shards))
+    # The plan first: _job.json is the marker that the job exists, so it must never point at a missing plan.
     plan.write_plan(fs, root, table, config.output.shard_size)
+    storage.write_json(fs, storage.join(root, JOB_FILE), job_record(config, info, table.num_rows, shards))
     log.info("planned %d videos in %d shards", table.num_rows, shards)
     return shards
 
@@ -257,25 +277,36 @@ def _init_ray(config: JobConfig) -> None:
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
 
 
-def _actor_resources(config: JobConfig) -> tuple[int, float, float]:
-    """(actors, GPUs per actor, CPUs per actor). On CPU an actor takes its node but two decode slots."""
+def _actor_resources(config: JobConfig, shards_to_run: int) -> tuple[int, float, float]:
+    """(actors, GPUs per actor, CPUs per actor) for this cluster; refuses a split that cannot run.
+
+    Defaults: one actor per GPU, or on a CPU cluster one actor per CPU node taking that node's CPUs
+    but two decode slots (more actors than nodes share a node's CPUs). Never more actors than shards.
+    """
     x = config.execution
-    gpus = ray.cluster_resources().get("GPU", 0)
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
+    cpu_nodes = [c for n in ray.nodes() if n["Alive"] and (c := n["Resources"].get("CPU", 0)) > 0]
     num_gpus = x.actor_num_gpus
     if num_gpus is None:
         num_gpus = 1.0 if gpus and config.model.device != "cpu" else 0.0
-    actors = x.actors or (max(1, int(gpus / num_gpus)) if num_gpus else 1)
+    actors = x.actors or (max(1, int(gpus / num_gpus)) if num_gpus else max(1, len(cpu_nodes)))
+    actors = min(actors, max(1, shards_to_run))
     num_cpus = x.actor_num_cpus
     if num_cpus is None:
-        cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
-        node_cpus = min((c for c in cpus if c > 0), default=1)  # a 0-CPU head runs no actor
-        num_cpus = 1.0 if num_gpus else max(x.decode_num_cpus, node_cpus - 2 * x.decode_num_cpus)
-    total = ray.cluster_resources().get("CPU", 0)
-    if num_cpus + x.decode_num_cpus > total:
+        per_node = math.ceil(actors / max(1, len(cpu_nodes)))
+        free = min(cpu_nodes, default=1) - 2 * x.decode_num_cpus  # a 0-CPU head runs no actor
+        num_cpus = 1.0 if num_gpus else max(x.decode_num_cpus, free / per_node)
+    if actors * num_gpus > gpus:
         raise ConfigError(
-            f"execution: an actor ({num_cpus:g} CPU) plus one decode task ({x.decode_num_cpus:g} CPU) need more "
-            f"than the cluster's {total:g} CPUs: decode tasks could never run. Lower execution.actor_num_cpus "
-            "or execution.decode_num_cpus."
+            f"execution: {actors} actor(s) x {num_gpus:g} GPU need {actors * num_gpus:g} GPUs but the cluster "
+            f"has {gpus:g}: lower execution.actors or execution.actor_num_gpus, or set model.device: cpu."
+        )
+    if actors * num_cpus + x.decode_num_cpus > cpus:
+        raise ConfigError(
+            f"execution: {actors} actor(s) x {num_cpus:g} CPU plus one decode task ({x.decode_num_cpus:g} CPU) "
+            f"need more than the cluster's {cpus:g} CPUs: decode tasks could never run. Lower "
+            "execution.actors, execution.actor_num_cpus or execution.decode_num_cpus."
         )
     return actors, num_gpus, num_cpus
 
@@ -302,12 +333,14 @@ class _Dispatcher:
         self.inflight: dict[Any, tuple[int, int, int, tuple[str, ...] | None]] = {}
         self.committed: list[dict[str, Any]] = []
         self.failed: dict[int, str] = {}
+        self.first_attempt: dict[int, int] = {}
 
     def _submit(self, queue: deque) -> None:
         limit = self.job.config.execution.shards_per_actor
         for n in sorted(range(len(self.actors)), key=lambda i: self.load[i]):
             while queue and self.load[n] < limit:
                 shard, attempt, video_ids = queue.popleft()
+                self.first_attempt.setdefault(shard, attempt)
                 self.inflight[self.actors[n].index.remote(shard, attempt, video_ids)] = (
                     shard,
                     attempt,
@@ -326,7 +359,11 @@ class _Dispatcher:
             reason = f"actor lost: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         except ray.exceptions.RayTaskError as exc:
             reason = f"shard failed: {str(exc).strip().splitlines()[-1]}"
-        final = attempt >= self.job.config.execution.max_attempts
+        except ray.exceptions.RayError as exc:  # object lost, node died, ...: infrastructure, so retryable
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        # max_attempts counts this run's attempts: a resume gives every shard a fresh budget.
+        tries = attempt - self.first_attempt.setdefault(shard, attempt) + 1
+        final = tries >= self.job.config.execution.max_attempts
         log.warning(
             "[shard %s] attempt %d failed (%s)%s",
             shard_name(shard),
@@ -429,12 +466,12 @@ def run_job(
     result = JobResult(EXIT_OK, {"output": config.output.uri, "shards": shards, "shards_to_run": len(queue)})
     if queue:
         _init_ray(config)
-        actors, num_gpus, num_cpus = _actor_resources(config)
+        actors, num_gpus, num_cpus = _actor_resources(config, len(queue))
         job = dataclasses.replace(job, actor_num_cpus=num_cpus, batch_size=_batch_size(config, num_gpus))
         log.info("execution: %d actor(s) x %g CPU (torch threads %d), %g GPU; decode tasks %g CPU; batch %d",
                  actors, num_cpus, config.execution.torch_threads or max(1, math.ceil(num_cpus)), num_gpus,
                  config.execution.decode_num_cpus, job.batch_size)  # fmt: skip
-        dispatcher = _Dispatcher(job, ledger, min(actors, len(queue)), num_gpus)
+        dispatcher = _Dispatcher(job, ledger, actors, num_gpus)
         from videoindex.progress import JobProgress
 
         with JobProgress(
@@ -442,29 +479,13 @@ def run_job(
         ) as bar:
             dispatcher.run(queue, bar.tick)
         result.summary["failed_shards"] = dict(dispatcher.failed)
-    result.summary.update(summarize(ledger, shards))
+    result.summary.update(summarize(ledger))
     result.summary["wall_s"] = round(time.time() - started, 2)
     if result.summary.get("failed_shards") or result.summary["shards_committed"] < shards:
         result.exit_code = EXIT_JOB_FAILED
     elif result.summary["videos_error"]:
         result.exit_code = EXIT_VIDEOS_FAILED
     return result
-
-
-def summarize(ledger: Ledger, shards: int) -> dict[str, Any]:
-    """Totals over committed shards, from their markers alone."""
-    stats = ledger.committed_stats()
-    keys = ("videos", "videos_ok", "videos_error", "clips")
-    totals = {k: sum(int(s.get(k, 0)) for s in stats) for k in keys}
-    spans = [(s["started_at"], s["finished_at"]) for s in stats if "started_at" in s]
-    busy = (max(e for _, e in spans) - min(b for b, _ in spans)) if spans else 0.0
-    view = ledger.view()
-    return {
-        **totals,
-        "shards_committed": len(view.committed()),
-        "shards_failed": len(view.failed()),
-        "clips_per_s": round(totals["clips"] / busy, 3) if busy > 0 else None,
-    }
 
 
 def _without_redacted(options: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,6 @@ batches are formed in that order, so a shard gives bit-identical outputs whateve
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import deque
@@ -149,12 +148,8 @@ def index_shard(
         "videos": _videos_table(states.values(), info),
         "errors": _errors_table(states.values()),
     }
-    ok = sum(1 for s in states.values() if s.error is None)
     stats = {
-        "videos": len(states),
-        "videos_ok": ok,
-        "videos_error": len(states) - ok,
-        "clips": tables["clips"].num_rows,
+        **stats_from_tables(tables),
         "decode_s": round(decode_s, 3),
         "infer_s": round(batcher.infer_s, 3),
         "wall_s": round(time.perf_counter() - started, 3),
@@ -246,10 +241,6 @@ def _errors_table(states: Iterable[_VideoState]) -> pa.Table:
                 }
             )
     return pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)
-
-
-def describe(stats: dict[str, Any]) -> str:
-    return json.dumps(stats, sort_keys=True)
 
 
 TABLE_ORDER = {"clips": [("uri", "ascending"), ("clip_index", "ascending")], "videos": [("uri", "ascending")],

@@ -168,7 +168,9 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     def _write() -> None:
         if is_local(fs):
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            tmp = f"{path}.tmp-{random.getrandbits(48):012x}"
+            head, name = path.rsplit("/", 1)
+            # Dot-prefixed: dataset readers (pyarrow, DuckDB globs over *.parquet, Spark) skip it.
+            tmp = f"{head}/.{name}.tmp-{random.getrandbits(48):012x}"
             with fs.open(tmp, "wb") as fh:
                 fh.write(data)
             fs.mv(tmp, path)
