@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from videoindex import schema, storage
 from videoindex.ledger import Ledger
+from videoindex.write import parquet_bytes
 
 MODEL_TAG = "synthetic-videomae@seeded"
 TOP_K = 5
@@ -156,17 +156,8 @@ def _video_rows(videos: list[dict[str, Any]], cpv: int, probs: np.ndarray, names
 
 
 def _write(fs: Any, path: str, table: pa.Table, metadata: dict[bytes, bytes], row_group_size: int) -> int:
-    table = table.replace_schema_metadata(metadata)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as fh:
-        pq.write_table(
-            table,
-            fh,
-            row_group_size=row_group_size,
-            compression="zstd",
-            write_statistics=True,
-            use_dictionary=["uri", "label", "model", "status", "error_type", "codec", "decoder", "stage"],
-        )
+    fs.pipe_file(path, parquet_bytes(table, metadata, row_group_size))  # the job's own Parquet settings
     return table.num_rows
 
 

@@ -6,7 +6,6 @@ injects one fault in the middle, and compares the table files byte for byte.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -19,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SAMPLES
+from tests.helpers import small_job_config, table_hashes
 from videoindex import storage
-from videoindex.config import load_config
 from videoindex.ledger import Ledger
 from videoindex.runner import run_job
 from videoindex.status import job_status
@@ -31,29 +30,11 @@ VIDEOS = 6
 DECODER = "tests.faulty_decoder:open_faulty"
 
 
-def _hashes(output: Path) -> dict[str, str]:
-    files = sorted(p for t in ("clips", "videos", "errors") for p in (output / t).rglob("*.parquet"))
-    return {str(p.relative_to(output)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
 def _config(input_dir: Path, output: Path, model_dir: Path, **extra):
-    return load_config(
-        None,
-        {
-            "input.uri": str(input_dir),
-            "output.uri": str(output),
-            "model.name": str(model_dir),
-            "decode.decoder": DECODER,
-            "output.shard_size": 1,
-            "execution.batch_size": 4,
-            "execution.actors": 2,
-            "execution.actor_num_cpus": 1,
-            "execution.decode_num_cpus": 0.5,
-            "execution.shards_per_actor": 1,
-            "execution.progress": False,
-            **extra,
-        },
-    )
+    """Two actors of one CPU on a 5-CPU cluster, one video per shard, the misbehaving decoder."""
+    return small_job_config(input_dir, output, model_dir, **{
+        "decode.decoder": DECODER, "output.shard_size": 1, "execution.actors": 2, "execution.actor_num_cpus": 1,
+        "execution.shards_per_actor": 1, **extra})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +67,7 @@ def input_dir(tmp_path_factory) -> Path:
 def clean(cluster, input_dir, tiny_model_dir_module, tmp_path_factory) -> dict[str, str]:
     output = tmp_path_factory.mktemp("clean") / "out"
     assert run_job(_config(input_dir, output, tiny_model_dir_module)).exit_code == 0
-    hashes = _hashes(output)
+    hashes = table_hashes(output)
     assert len(hashes) == 3 * VIDEOS
     return hashes
 
@@ -126,7 +107,7 @@ def test_actor_killed_mid_shard(cluster, input_dir, tiny_model_dir_module, clean
     os.kill(record["pid"], signal.SIGKILL)
     thread.join(300)
     assert box["result"].exit_code == 0
-    assert _hashes(output) == clean
+    assert table_hashes(output) == clean
     status = job_status(str(output))
     assert status["shards"]["committed"] == VIDEOS
     failed = [f for f in status["failures"] if f["shard"] == record["shard"]]
@@ -143,7 +124,7 @@ def test_worker_node_removed(cluster, input_dir, tiny_model_dir_module, clean, t
     c.remove_node(victim)
     thread.join(300)
     assert box["result"].exit_code == 0
-    assert _hashes(output) == clean
+    assert table_hashes(output) == clean
     assert any(f["shard"] == record["shard"] for f in job_status(str(output))["failures"])
     workers.remove(victim)
     workers.append(c.add_node(num_cpus=2))
@@ -173,11 +154,11 @@ def test_hanging_and_crashing_decoder_then_retry_failed(
     assert "longer than 8 s" in videos["video-1.mp4"]["error_message"]
     assert videos["video-4.mp4"]["error_type"] == "decoder_crash"
     assert sum(v["status"] == "ok" for v in videos.values()) == VIDEOS - 2
-    assert _hashes(output) != clean
+    assert table_hashes(output) != clean
 
     again = run_job(config, resume=True, retry_failed=True)  # the "repaired" videos index now
     assert again.exit_code == 0
-    assert _hashes(output) == clean
+    assert table_hashes(output) == clean
 
 
 def test_driver_killed_then_resume(cluster, input_dir, tiny_model_dir_module, clean, tmp_path):
@@ -203,6 +184,6 @@ def test_driver_killed_then_resume(cluster, input_dir, tiny_model_dir_module, cl
         [sys.executable, "-m", "videoindex.cli", "resume", str(output), "--no-progress"], env=env, cwd=REPO
     )
     assert resume.returncode == 0
-    assert _hashes(output) == clean
+    assert table_hashes(output) == clean
     status = job_status(str(output))
     assert status["shards"]["committed"] == VIDEOS and status["shards"]["running"] == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +12,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import SAMPLES
+from tests.helpers import small_job_config, table_hashes
 from videoindex.config import load_config
 from videoindex.jobfile import JobMismatchError
 from videoindex.runner import EXIT_VIDEOS_FAILED, run_job
@@ -22,33 +21,10 @@ from videoindex.schema import VIDEOS_SCHEMA, clips_schema
 from videoindex.status import job_status
 
 
-def _config(input_uri: str, output: Path, model_dir: Path, **extra):
-    overrides = {
-        "input.uri": input_uri,
-        "output.uri": str(output),
-        "model.name": str(model_dir),
-        "output.shard_size": 2,
-        "execution.batch_size": 4,
-        "execution.actor_num_cpus": 0.5,
-        "execution.decode_num_cpus": 0.5,
-        "execution.progress": False,
-        **extra,
-    }
-    return load_config(None, overrides)
-
-
-def _table_hashes(output: Path) -> dict[str, str]:
-    files = sorted(p for t in ("clips", "videos", "errors") for p in (output / t).rglob("*.parquet"))
-    return {str(p.relative_to(output)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
 @pytest.fixture()
-def messy_input(tmp_path: Path) -> Path:
+def messy_input(sample_videos: Path) -> Path:
     """Two real videos, an empty file, a text file named .mp4, random bytes."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for name in ("demo.mp4", "carphone_pristine.mp4"):
-        shutil.copy(SAMPLES / name, folder / name)
+    folder = sample_videos
     (folder / "empty.mp4").write_bytes(b"")
     (folder / "notes.mp4").write_text("this is not a video\n" * 50)
     (folder / "noise.mkv").write_bytes(bytes(range(256)) * 64)
@@ -57,7 +33,7 @@ def messy_input(tmp_path: Path) -> Path:
 
 def test_index_folder_end_to_end(ray_session, tiny_model_dir, messy_input, tmp_path):
     output = tmp_path / "out"
-    config = _config(str(messy_input), output, tiny_model_dir)
+    config = small_job_config(str(messy_input), output, tiny_model_dir)
     result = run_job(config)
     assert result.exit_code == EXIT_VIDEOS_FAILED  # some videos failed, the job finished
     assert result.summary["shards_committed"] == 3
@@ -91,7 +67,7 @@ def test_index_folder_end_to_end(ray_session, tiny_model_dir, messy_input, tmp_p
 
 def test_schema_metadata_and_three_readers(ray_session, tiny_model_dir, sample_videos, tmp_path):
     output = tmp_path / "out"
-    assert run_job(_config(str(sample_videos), output, tiny_model_dir)).exit_code == 0
+    assert run_job(small_job_config(str(sample_videos), output, tiny_model_dir)).exit_code == 0
     clip_file = next((output / "clips").rglob("*.parquet"))
     schema = pq.read_schema(clip_file)
     assert schema.remove_metadata().equals(clips_schema(7, 32))
@@ -128,28 +104,28 @@ def test_rerun_is_byte_identical_and_other_settings_refused(
     ray_session, tiny_model_dir, sample_videos, tmp_path
 ):
     output = tmp_path / "out"
-    run_job(_config(str(sample_videos), output, tiny_model_dir))
-    first = _table_hashes(output)
+    run_job(small_job_config(str(sample_videos), output, tiny_model_dir))
+    first = table_hashes(output)
     assert len(first) == 3
     again = run_job(
-        _config(str(sample_videos), output, tiny_model_dir, **{"execution.actors": 2}), rerun=True
+        small_job_config(str(sample_videos), output, tiny_model_dir, **{"execution.actors": 2}), rerun=True
     )
     assert again.summary["shards_to_run"] == 1
-    assert _table_hashes(output) == first
+    assert table_hashes(output) == first
 
     other = tmp_path / "other"
-    run_job(_config(str(sample_videos), other, tiny_model_dir))
-    assert _table_hashes(other) == first  # same input, same settings, another output: same bytes
+    run_job(small_job_config(str(sample_videos), other, tiny_model_dir))
+    assert table_hashes(other) == first  # same input, same settings, another output: same bytes
 
     with pytest.raises(JobMismatchError, match="sampling"):
-        run_job(_config(str(sample_videos), output, tiny_model_dir, **{"sampling.clip_stride": 2}))
+        run_job(small_job_config(str(sample_videos), output, tiny_model_dir, **{"sampling.clip_stride": 2}))
 
 
 def test_missing_file_in_manifest_is_a_row(ray_session, tiny_model_dir, sample_videos, tmp_path):
     manifest = tmp_path / "list.txt"
     manifest.write_text(f"{sample_videos}/demo.mp4\n{sample_videos}/gone.mp4\n")
     output = tmp_path / "out"
-    result = run_job(_config(str(manifest), output, tiny_model_dir))
+    result = run_job(small_job_config(str(manifest), output, tiny_model_dir))
     assert result.exit_code == EXIT_VIDEOS_FAILED
     videos = {
         Path(v["uri"]).name: v
@@ -207,22 +183,14 @@ def test_tables_match_plain_transformers_path(ray_session, sample_videos, tmp_pa
     assert np.mean(agree) >= 0.95
 
 
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        ({"execution.actors": 2, "execution.actor_num_cpus": 1}, "decode tasks could never run"),
-        ({"execution.actor_num_gpus": 1}, "GPUs but the cluster has 0"),
-    ],
-)
-def test_splits_that_cannot_run_are_refused(
-    ray_session, tiny_model_dir, sample_videos, tmp_path, extra, message
-):
+def test_split_is_checked_against_the_running_cluster(ray_session, tiny_model_dir, sample_videos, tmp_path):
+    """run_job reads the live cluster's resources (2 CPUs, no GPU here) before starting any actor."""
     from videoindex.config import ConfigError
 
-    config = _config(
-        str(sample_videos), tmp_path / "out", tiny_model_dir, **{"output.shard_size": 1, **extra}
+    config = small_job_config(
+        str(sample_videos), tmp_path / "out", tiny_model_dir, **{"execution.actor_num_gpus": 1}
     )
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match="GPUs but the cluster has 0"):
         run_job(config)
 
 
@@ -235,9 +203,9 @@ def test_failing_shard_gets_max_attempts_in_every_run(ray_session, tiny_model_di
     output = tmp_path / "out"
     (output / "_plan").mkdir(parents=True)
     (output / "_plan" / "plan.parquet").write_bytes(b"half a plan from a killed driver")
-    config = _config(str(sample_videos), output, tiny_model_dir, **{"execution.max_attempts": 2})
+    config = small_job_config(str(sample_videos), output, tiny_model_dir, **{"execution.max_attempts": 2})
     assert run_job(config).exit_code == 0
-    clean = _table_hashes(output)
+    clean = table_hashes(output)
 
     ledger = Ledger(*storage.filesystem(str(output)))
     ledger.uncommit(0)
@@ -251,5 +219,5 @@ def test_failing_shard_gets_max_attempts_in_every_run(ray_session, tiny_model_di
         assert len(failed) == 2 * run, failed  # two tries in each run, not one after the first run
     partition.unlink()
     assert run_job(config, resume=True).exit_code == 0
-    assert _table_hashes(output) == clean
+    assert table_hashes(output) == clean
     assert not list(output.rglob(".*.tmp-*"))

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from tests import s3server
+from tests.helpers import small_job_config
 from tests.synthetic_index import write_synthetic_index
 from videoindex.cli import main as cli_main
-from videoindex.config import load_config
 from videoindex.query import open_index
 from videoindex.report import register_report_cli, render_report, run_report_cli
 
@@ -76,11 +76,7 @@ def _run_index(tmp_path: Path, videos: Path, model_dir: Path, *, thumbnails: boo
 
     (videos / "empty.mp4").write_bytes(b"")  # one failed video for the error section
     output = tmp_path / "index"
-    config = load_config(None, {
-        "input.uri": str(videos), "output.uri": str(output), "model.name": str(model_dir),
-        "output.shard_size": 2, "output.thumbnails": thumbnails, "execution.batch_size": 4,
-        "execution.actor_num_cpus": 0.5, "execution.decode_num_cpus": 0.5, "execution.progress": False,
-    })  # fmt: skip
+    config = small_job_config(videos, output, model_dir, **{"output.thumbnails": thumbnails})
     run_job(config)
     return output
 

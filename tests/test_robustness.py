@@ -202,3 +202,34 @@ def test_every_input_is_one_row_with_a_precise_error(ray_session, tiny_model_dir
     assert by_name["ten_bit.mp4"]["decoder"] == "decord" and by_name["gray.mkv"]["decoder"] == "decord"
     fatal = sorted(Path(e["uri"]).name for e in errors if e["fatal"])
     assert fatal == sorted(n for n, o in expected.items() if not o.startswith("ok:"))
+
+
+def test_decode_queued_behind_busy_cpus_is_not_a_timeout(
+    tiny_model_dir: Path, sample_videos: Path, tmp_path: Path
+):
+    """The timeout clock starts when Ray runs a decode task: a task that waited for a CPU longer than
+    decode.timeout_s (here behind a task holding the CPUs) indexes normally. Needs the dashboard (state API)."""
+    import time
+
+    import ray
+
+    from tests.helpers import small_job_config
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING", log_to_driver=False
+    )
+    try:
+        hog = (
+            ray.remote(lambda s: time.sleep(s)).options(num_cpus=1).remote(12)
+        )  # the actor gets 0.5, decode 0.5
+        config = small_job_config(sample_videos, tmp_path / "out", tiny_model_dir, **{
+            "decode.timeout_s": 4, "execution.decode_num_cpus": 1, "execution.actors": 1})  # fmt: skip
+        result = run_job(config)
+        assert ray.get(hog) is None
+    finally:
+        ray.shutdown()
+    videos = ds.dataset(tmp_path / "out" / "videos", partitioning="hive").to_table().to_pylist()
+    assert result.exit_code == 0, [(v["uri"], v["error_message"]) for v in videos]
+    assert [v["status"] for v in videos] == ["ok", "ok"]

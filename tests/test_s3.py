@@ -18,6 +18,7 @@ import s3fs
 
 from tests import s3server
 from tests.conftest import SAMPLES
+from tests.helpers import small_job_config
 from tests.s3server import TEST_KEY, TEST_SECRET, FlakyProxy, S3Server, s3_options
 from videoindex import storage
 from videoindex.config import load_config
@@ -39,24 +40,9 @@ READ_INPUT = [
 
 def _config(s3: S3Server, input_uri: str, output_uri: str, model_dir, *, reader=TEST_CREDS, writer=TEST_CREDS,
             **extra):  # fmt: skip
-    return load_config(
-        None,
-        {
-            "input.uri": input_uri,
-            "output.uri": output_uri,
-            "input.storage_options": s3.options(*reader),
-            "output.storage_options": s3.options(*writer),
-            "model.name": str(model_dir),
-            "output.shard_size": 2,
-            "execution.batch_size": 4,
-            "execution.actor_num_cpus": 0.5,
-            "execution.decode_num_cpus": 0.5,
-            "execution.progress": False,
-            "sampling.strategy": "uniform",
-            "sampling.clips_per_video": 2,
-            **extra,
-        },
-    )
+    return small_job_config(input_uri, output_uri, model_dir, **{
+        "input.storage_options": s3.options(*reader), "output.storage_options": s3.options(*writer),
+        "sampling.strategy": "uniform", "sampling.clips_per_video": 2, **extra})  # fmt: skip
 
 
 def _upload_inputs(fs: s3fs.S3FileSystem) -> None:

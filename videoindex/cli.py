@@ -230,7 +230,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from videoindex.runner import job_config_from_output, run_job
+    from videoindex.resume import job_config_from_output
+    from videoindex.runner import run_job
 
     overrides = {
         "execution.actors": args.actors,

@@ -10,9 +10,7 @@ deterministic files are overwritten by the next attempt.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import os
 import threading
 import time
@@ -24,14 +22,16 @@ from typing import Any
 import ray
 
 from videoindex import __version__, plan, storage
-from videoindex.config import ConfigError, JobConfig
-from videoindex.errors import RETRYABLE_ERROR_TYPES, DecodeError
+from videoindex.config import JobConfig
+from videoindex.errors import DecodeError
 from videoindex.extract import ExtractRequest, ExtractResult, ExtractSettings, extract
 from videoindex.jobfile import JOB_FILE, check_compatible, job_record, read_job, refuse_foreign_tables
 from videoindex.ledger import Ledger
 from videoindex.model import ModelInfo, VideoClassifier, resolve_model
+from videoindex.resume import failed_videos
 from videoindex.schema import shard_name
 from videoindex.shard import index_shard, replace_videos, stats_from_tables
+from videoindex.sizing import ExecutionSplit, execution_split
 from videoindex.status import summarize
 from videoindex.write import file_metadata, read_shard_tables, write_shard_tables
 
@@ -54,8 +54,7 @@ class ActorJob:
     model: ModelInfo
     settings: ExtractSettings
     output_root: str
-    actor_num_cpus: float = 1.0  # resolved from execution.actor_num_cpus and the cluster
-    batch_size: int = 1  # resolved from execution.batch_size and the device
+    split: ExecutionSplit  # actors, their CPUs/GPUs, threads and batch size for this cluster
 
 
 def _extract_task(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult:
@@ -102,13 +101,41 @@ class _Counters:
             return dict(self.values)
 
 
+_QUEUED = {"NIL", "PENDING_ARGS_AVAIL", "PENDING_NODE_ASSIGNMENT", "PENDING_OBJ_STORE_MEM_AVAIL",
+           "PENDING_ARGS_FETCH", "SUBMITTED_TO_WORKER", "GETTING_AND_PINNING_ARGS"}  # fmt: skip
+
+
+def _seconds_left(ref: Any, timeout: float) -> float:
+    """Seconds a decode task may still run: ``timeout`` minus how long it has really been running.
+
+    A task still queued (all decode CPUs busy) gets a full ``timeout`` more. 0 when Ray's state API
+    (served by the dashboard) cannot tell: the task is then judged from when it reached the window's head.
+    """
+    try:
+        from ray.util.state import get_task
+
+        attempts = get_task(ref, timeout=10)
+    except Exception as exc:  # no dashboard, state API down: fall back to the window's clock
+        log.debug("task state unavailable (%s): %s", type(exc).__name__, exc)
+        return 0.0
+    if not attempts:
+        return 0.0
+    last = attempts[-1] if isinstance(attempts, list) else attempts
+    if last.state in _QUEUED:
+        return timeout
+    if last.state.startswith("RUNNING") and last.start_time_ms:
+        return timeout - (time.time() - last.start_time_ms / 1000)
+    return 0.0
+
+
 def ray_extract_window(
     settings: ExtractSettings, config: JobConfig, counters: _Counters, metrics: _Metrics | None = None
 ):
     """A run_extracts for index_shard: a bounded, ordered window of Ray decode tasks with a timeout.
 
-    The timeout clock of a task starts when it reaches the head of the window (the tasks before it are
-    done, so it is running); past it, the worker is killed and the video fails as ``timeout``.
+    A task's timeout clock starts when Ray starts running it (Ray's state API tells a task still queued
+    behind busy CPUs from a hung one; without the dashboard, from when it reaches the head of the window);
+    past it, the worker is killed and the video fails as ``timeout``.
     A worker that dies (crash, os._exit) is retried by Ray for system failures, then recorded as
     ``decoder_crash``.
     """
@@ -123,6 +150,8 @@ def ray_extract_window(
                 window.append((request, task.remote(request, settings)))
             request, ref = window.popleft()
             ready, _ = ray.wait([ref], timeout=timeout)
+            while not ready and (left := _seconds_left(ref, timeout)) > 0:
+                ready, _ = ray.wait([ref], timeout=left)
             if not ready:
                 ray.cancel(ref, force=True)
                 error = DecodeError(
@@ -196,8 +225,7 @@ class ModelActor:
         import torch
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        execution = job.config.execution
-        torch.set_num_threads(execution.torch_threads or max(1, math.ceil(job.actor_num_cpus)))
+        torch.set_num_threads(job.split.torch_threads)  # Ray would set it to num_cpus, rounded down
         self.job = job
         info = resolve_model(job.config.model, job.config.preprocess)
         if info.weights_sha256 != job.model.weights_sha256:
@@ -229,7 +257,7 @@ class ModelActor:
             tasks,
             self.job.settings,
             self.classifier,
-            batch_size=self.job.batch_size,
+            batch_size=self.job.split.batch_size,
             run_extracts=run,
         )
         tables = out.tables
@@ -277,59 +305,20 @@ def _init_ray(config: JobConfig) -> None:
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
 
 
-def _actor_resources(config: JobConfig, shards_to_run: int) -> tuple[int, float, float]:
-    """(actors, GPUs per actor, CPUs per actor) for this cluster; refuses a split that cannot run.
-
-    Defaults: one actor per GPU, or on a CPU cluster one actor per CPU node taking that node's CPUs
-    but two decode slots (more actors than nodes share a node's CPUs). Never more actors than shards.
-    """
-    x = config.execution
-    resources = ray.cluster_resources()
-    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
-    cpu_nodes = [c for n in ray.nodes() if n["Alive"] and (c := n["Resources"].get("CPU", 0)) > 0]
-    num_gpus = x.actor_num_gpus
-    if num_gpus is None:
-        num_gpus = 1.0 if gpus and config.model.device != "cpu" else 0.0
-    actors = x.actors or (max(1, int(gpus / num_gpus)) if num_gpus else max(1, len(cpu_nodes)))
-    actors = min(actors, max(1, shards_to_run))
-    num_cpus = x.actor_num_cpus
-    if num_cpus is None:
-        per_node = math.ceil(actors / max(1, len(cpu_nodes)))
-        free = min(cpu_nodes, default=1) - 2 * x.decode_num_cpus  # a 0-CPU head runs no actor
-        num_cpus = 1.0 if num_gpus else max(x.decode_num_cpus, free / per_node)
-    if actors * num_gpus > gpus:
-        raise ConfigError(
-            f"execution: {actors} actor(s) x {num_gpus:g} GPU need {actors * num_gpus:g} GPUs but the cluster "
-            f"has {gpus:g}: lower execution.actors or execution.actor_num_gpus, or set model.device: cpu."
-        )
-    if actors * num_cpus + x.decode_num_cpus > cpus:
-        raise ConfigError(
-            f"execution: {actors} actor(s) x {num_cpus:g} CPU plus one decode task ({x.decode_num_cpus:g} CPU) "
-            f"need more than the cluster's {cpus:g} CPUs: decode tasks could never run. Lower "
-            "execution.actors, execution.actor_num_cpus or execution.decode_num_cpus."
-        )
-    return actors, num_gpus, num_cpus
-
-
-def _batch_size(config: JobConfig, num_gpus: float) -> int:
-    return config.execution.batch_size or (16 if num_gpus else 1)
-
-
 class _Dispatcher:
     """Hands shards to actors from a queue, retries infrastructure failures, records every attempt."""
 
-    def __init__(self, job: ActorJob, ledger: Ledger, actors: int, num_gpus: float) -> None:
+    def __init__(self, job: ActorJob, ledger: Ledger) -> None:
         self.job = job
         self.ledger = ledger
-        execution = job.config.execution
         self.actor_cls = ray.remote(ModelActor).options(
-            num_cpus=job.actor_num_cpus,
-            num_gpus=num_gpus,
+            num_cpus=job.split.num_cpus,
+            num_gpus=job.split.num_gpus,
             max_restarts=-1,
-            max_concurrency=execution.shards_per_actor + 1,
+            max_concurrency=job.config.execution.shards_per_actor + 1,
         )
-        self.actors = [self.actor_cls.remote(job) for _ in range(actors)]
-        self.load = [0] * actors
+        self.actors = [self.actor_cls.remote(job) for _ in range(job.split.actors)]
+        self.load = [0] * len(self.actors)
         self.inflight: dict[Any, tuple[int, int, int, tuple[str, ...] | None]] = {}
         self.committed: list[dict[str, Any]] = []
         self.failed: dict[int, str] = {}
@@ -404,32 +393,6 @@ def _pending_shards(ledger: Ledger, shards: int, *, rerun: bool) -> deque:
     return deque((s, view.state(s).attempts + 1, None) for s in range(shards) if s not in done)
 
 
-RETRYABLE_ERRORS = RETRYABLE_ERROR_TYPES  # see errors.py
-
-
-def failed_videos(fs: Any, root: str, shards: set[int], *, all_errors: bool) -> dict[int, tuple[str, ...]]:
-    """Video ids with status=error per committed shard (retryable error types only, unless all_errors)."""
-    import pyarrow.dataset as pads
-
-    from videoindex.schema import table_file
-
-    if not shards:
-        return {}
-    files = [storage.join(root, table_file("videos", s)) for s in sorted(shards)]
-    dataset = pads.dataset(
-        files,
-        filesystem=fs,
-        partitioning=pads.partitioning(flavor="hive"),
-        partition_base_dir=storage.join(root, "videos"),
-    )
-    rows = dataset.to_table(columns=["video_id", "status", "error_type", "shard"]).to_pylist()
-    found: dict[int, list[str]] = {}
-    for row in rows:
-        if row["status"] == "error" and (all_errors or row["error_type"] in RETRYABLE_ERRORS):
-            found.setdefault(int(row["shard"]), []).append(row["video_id"])
-    return {s: tuple(sorted(ids)) for s, ids in found.items()}
-
-
 def run_job(
     config: JobConfig,
     *,
@@ -462,16 +425,16 @@ def run_job(
         sampling=config.sampling, decode=config.decode, preprocess=info.preprocess, clip_len=info.num_frames,
         storage_options=dict(config.input.storage_options), thumbnails=config.output.thumbnails,
     )  # fmt: skip
-    job = ActorJob(config=config, model=info, settings=settings, output_root=config.output.uri)
     result = JobResult(EXIT_OK, {"output": config.output.uri, "shards": shards, "shards_to_run": len(queue)})
     if queue:
         _init_ray(config)
-        actors, num_gpus, num_cpus = _actor_resources(config, len(queue))
-        job = dataclasses.replace(job, actor_num_cpus=num_cpus, batch_size=_batch_size(config, num_gpus))
-        log.info("execution: %d actor(s) x %g CPU (torch threads %d), %g GPU; decode tasks %g CPU; batch %d",
-                 actors, num_cpus, config.execution.torch_threads or max(1, math.ceil(num_cpus)), num_gpus,
-                 config.execution.decode_num_cpus, job.batch_size)  # fmt: skip
-        dispatcher = _Dispatcher(job, ledger, actors, num_gpus)
+        node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+        split = execution_split(config, ray.cluster_resources(), node_cpus, len(queue))
+        log.info("execution: %s; decode tasks %g CPU", split, config.execution.decode_num_cpus)
+        job = ActorJob(
+            config=config, model=info, settings=settings, output_root=config.output.uri, split=split
+        )
+        dispatcher = _Dispatcher(job, ledger)
         from videoindex.progress import JobProgress
 
         with JobProgress(
@@ -486,29 +449,3 @@ def run_job(
     elif result.summary["videos_error"]:
         result.exit_code = EXIT_VIDEOS_FAILED
     return result
-
-
-def _without_redacted(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: _without_redacted(v) if isinstance(v, dict) else v for k, v in options.items() if v != "***"}
-
-
-def job_config_from_output(
-    output: str, storage_options: dict[str, Any] | None = None, **overrides: Any
-) -> JobConfig:
-    """Rebuild a job's config from its _job.json (for resume); secrets come from storage_options."""
-    from videoindex.config import load_config
-
-    fs, root = storage.filesystem(output, storage_options)
-    record = read_job(fs, root)
-    if record is None:
-        raise FileNotFoundError(f"{output} has no {JOB_FILE}: not a videoindex output")
-    flat: dict[str, Any] = {}
-    for section, values in record["config"].items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value
-    flat["output.uri"] = output
-    for side in ("input", "output"):  # secrets were redacted in _job.json: never reuse the "***" placeholders
-        kept = _without_redacted(flat.get(f"{side}.storage_options") or {})
-        flat[f"{side}.storage_options"] = {**kept, **(storage_options or {})}
-    flat.update({k: v for k, v in overrides.items() if v is not None})
-    return load_config(None, flat)

@@ -1,0 +1,35 @@
+"""Shared test helpers: a small job config for a 2-core machine, and content hashes of a job's tables."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from videoindex.config import JobConfig, load_config
+
+
+def small_job_config(
+    input_uri: str | Path, output: str | Path, model_dir: str | Path, **overrides: Any
+) -> JobConfig:
+    """A job on the tiny model that fits the 2-CPU test Ray (two actors plus a decode task)."""
+    return load_config(
+        None,
+        {
+            "input.uri": str(input_uri),
+            "output.uri": str(output),
+            "model.name": str(model_dir),
+            "output.shard_size": 2,
+            "execution.batch_size": 4,
+            "execution.actor_num_cpus": 0.5,
+            "execution.decode_num_cpus": 0.5,
+            "execution.progress": False,
+            **overrides,
+        },
+    )
+
+
+def table_hashes(output: Path) -> dict[str, str]:
+    """sha256 of every Parquet file of the clips, videos and errors tables, by relative path."""
+    files = sorted(p for t in ("clips", "videos", "errors") for p in (output / t).rglob("*.parquet"))
+    return {str(p.relative_to(output)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}

@@ -1,0 +1,59 @@
+"""How a job spreads over a cluster, from the cluster's resources as data (no Ray needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from videoindex.config import ConfigError, load_config
+from videoindex.sizing import ExecutionSplit, execution_split
+
+
+def _config(**overrides):
+    return load_config(None, {"input.uri": "/in", "output.uri": "/out", **overrides})
+
+
+def _split(resources, node_cpus, shards=100, **overrides) -> ExecutionSplit:
+    return execution_split(_config(**overrides), resources, node_cpus, shards)
+
+
+def test_cpu_laptop_one_actor_keeps_two_decode_slots() -> None:
+    assert _split({"CPU": 2}, [2]) == ExecutionSplit(
+        actors=1, num_gpus=0.0, num_cpus=1.5, batch_size=1, torch_threads=2
+    )
+
+
+def test_cpu_cluster_one_actor_per_node_and_a_cpu_less_head_runs_none() -> None:
+    split = _split({"CPU": 24}, [0, 8, 8, 8])
+    assert (split.actors, split.num_cpus, split.torch_threads) == (3, 7.5, 8)
+
+
+def test_more_actors_than_nodes_share_a_node() -> None:
+    split = _split({"CPU": 16}, [8, 8], **{"execution.actors": 4})
+    assert (split.actors, split.num_cpus, split.torch_threads) == (4, 3.75, 4)
+
+
+def test_gpu_cluster_one_actor_per_gpu_batch_16() -> None:
+    split = _split({"CPU": 32, "GPU": 4}, [16, 16])
+    assert split == ExecutionSplit(actors=4, num_gpus=1.0, num_cpus=1.0, batch_size=16, torch_threads=1)
+    on_cpu = _split({"CPU": 32, "GPU": 4}, [16, 16], **{"model.device": "cpu"})
+    assert (on_cpu.num_gpus, on_cpu.batch_size) == (0.0, 1)
+
+
+def test_never_more_actors_than_shards_and_explicit_settings_win() -> None:
+    assert _split({"CPU": 24, "GPU": 8}, [8, 8, 8], shards=3).actors == 3
+    split = _split({"CPU": 2}, [2], **{"execution.actor_num_cpus": 0.5, "execution.batch_size": 8,
+                                       "execution.torch_threads": 3})  # fmt: skip
+    assert (split.num_cpus, split.batch_size, split.torch_threads) == (0.5, 8, 3)
+
+
+@pytest.mark.parametrize(
+    ("resources", "overrides", "message"),
+    [
+        ({"CPU": 2}, {"execution.actors": 2, "execution.actor_num_cpus": 1}, "decode tasks could never run"),
+        ({"CPU": 2}, {"execution.actor_num_gpus": 1}, "need 1 GPUs but the cluster has 0"),
+        ({"CPU": 8, "GPU": 2}, {"execution.actors": 3}, "need 3 GPUs but the cluster has 2"),
+    ],
+)
+def test_splits_that_cannot_run_are_refused(resources, overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _split(resources, [resources["CPU"]], **overrides)

@@ -1,0 +1,59 @@
+"""What a resume needs from an output alone: the job's config (secrets re-supplied) and the failed videos.
+
+Plain Python over ``_job.json`` and the committed ``videos`` files; the runner queues the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.dataset as pads
+
+from videoindex import storage
+from videoindex.config import JobConfig, load_config
+from videoindex.errors import RETRYABLE_ERROR_TYPES
+from videoindex.jobfile import JOB_FILE, read_job
+from videoindex.schema import table_file
+
+
+def failed_videos(fs: Any, root: str, shards: set[int], *, all_errors: bool) -> dict[int, tuple[str, ...]]:
+    """Video ids with status=error per committed shard (retryable error types only, unless all_errors)."""
+    if not shards:
+        return {}
+    files = [storage.join(root, table_file("videos", s)) for s in sorted(shards)]
+    dataset = pads.dataset(
+        files,
+        filesystem=fs,
+        partitioning=pads.partitioning(flavor="hive"),
+        partition_base_dir=storage.join(root, "videos"),
+    )
+    rows = dataset.to_table(columns=["video_id", "status", "error_type", "shard"]).to_pylist()
+    found: dict[int, list[str]] = {}
+    for row in rows:
+        if row["status"] == "error" and (all_errors or row["error_type"] in RETRYABLE_ERROR_TYPES):
+            found.setdefault(int(row["shard"]), []).append(row["video_id"])
+    return {s: tuple(sorted(ids)) for s, ids in found.items()}
+
+
+def _without_redacted(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_redacted(v) if isinstance(v, dict) else v for k, v in options.items() if v != "***"}
+
+
+def job_config_from_output(
+    output: str, storage_options: dict[str, Any] | None = None, **overrides: Any
+) -> JobConfig:
+    """Rebuild a job's config from its _job.json (for resume); secrets come from storage_options."""
+    fs, root = storage.filesystem(output, storage_options)
+    record = read_job(fs, root)
+    if record is None:
+        raise FileNotFoundError(f"{output} has no {JOB_FILE}: not a videoindex output")
+    flat: dict[str, Any] = {}
+    for section, values in record["config"].items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    flat["output.uri"] = output
+    for side in ("input", "output"):  # secrets were redacted in _job.json: never reuse the "***" placeholders
+        kept = _without_redacted(flat.get(f"{side}.storage_options") or {})
+        flat[f"{side}.storage_options"] = {**kept, **(storage_options or {})}
+    flat.update({k: v for k, v in overrides.items() if v is not None})
+    return load_config(None, flat)

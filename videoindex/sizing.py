@@ -1,0 +1,62 @@
+"""How a job spreads over a cluster: actors, CPUs and GPUs per actor, batch size; refuses splits that cannot run.
+
+Pure: takes the cluster's resources as data (from ``ray.cluster_resources()`` / ``ray.nodes()``), so the
+defaults are tested without a cluster. Measured on a 2-core CPU machine (benchmarks/README.md): decode
+tasks of 0.25 CPU beside one actor holding the rest keep the model fed; batch 1 is fastest on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from videoindex.config import ConfigError, JobConfig
+
+CUDA_BATCH, CPU_BATCH = 16, 1
+
+
+@dataclass(frozen=True)
+class ExecutionSplit:
+    actors: int
+    num_gpus: float  # per actor
+    num_cpus: float  # per actor
+    batch_size: int
+    torch_threads: int  # of each actor: execution.torch_threads, else its CPUs rounded up
+
+
+def execution_split(
+    config: JobConfig, resources: Mapping[str, float], node_cpus: Sequence[float], shards_to_run: int
+) -> ExecutionSplit:
+    """The split for this cluster. Defaults: one actor per GPU, or on a CPU cluster one actor per CPU node
+    taking that node's CPUs but two decode slots (more actors than nodes share a node's CPUs). Never more
+    actors than shards to run. ``node_cpus``: CPUs of each live node (a 0-CPU head runs no actor)."""
+    x = config.execution
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
+    cpu_nodes = [c for c in node_cpus if c > 0]
+    num_gpus = x.actor_num_gpus
+    if num_gpus is None:
+        num_gpus = 1.0 if gpus and config.model.device != "cpu" else 0.0
+    actors = x.actors or (max(1, int(gpus / num_gpus)) if num_gpus else max(1, len(cpu_nodes)))
+    actors = min(actors, max(1, shards_to_run))
+    num_cpus = x.actor_num_cpus
+    if num_cpus is None:
+        per_node = math.ceil(actors / max(1, len(cpu_nodes)))
+        free = min(cpu_nodes, default=1) - 2 * x.decode_num_cpus
+        num_cpus = 1.0 if num_gpus else max(x.decode_num_cpus, free / per_node)
+    if actors * num_gpus > gpus:
+        raise ConfigError(
+            f"execution: {actors} actor(s) x {num_gpus:g} GPU need {actors * num_gpus:g} GPUs but the cluster "
+            f"has {gpus:g}: lower execution.actors or execution.actor_num_gpus, or set model.device: cpu."
+        )
+    if actors * num_cpus + x.decode_num_cpus > cpus:
+        raise ConfigError(
+            f"execution: {actors} actor(s) x {num_cpus:g} CPU plus one decode task ({x.decode_num_cpus:g} CPU) "
+            f"need more than the cluster's {cpus:g} CPUs: decode tasks could never run. Lower "
+            "execution.actors, execution.actor_num_cpus or execution.decode_num_cpus."
+        )
+    batch = x.batch_size or (CUDA_BATCH if num_gpus else CPU_BATCH)
+    threads = x.torch_threads or max(1, math.ceil(num_cpus))
+    return ExecutionSplit(
+        actors=actors, num_gpus=num_gpus, num_cpus=num_cpus, batch_size=batch, torch_threads=threads
+    )
