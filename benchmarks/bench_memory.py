@@ -5,7 +5,7 @@
 
 Input: the bundled samples plus ``--videos`` synthetic videos, hard-linked ``k`` times under new names for
 each step ``k`` (distinct URIs, so distinct videos to the job). Each step runs ``run_job`` on a fresh
-output of one local Ray with the shipped execution defaults; a sampler (psutil, by Ray process title)
+output and a fresh local Ray with the shipped execution defaults; a sampler (psutil, by Ray process title)
 records the peak RSS of the driver, the model actor and the decode workers, and object store bytes used.
 Flat means: the largest step's peaks are those of the smallest, within allocator noise, while the
 input (videos, clips, shards) grows 16x.
@@ -17,28 +17,20 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_pipeline import end_to_end, machine, tiny_model_dir  # noqa: E402
-from benchmarks.common import markdown_table, prepare_input  # noqa: E402
+from benchmarks.common import input_parser, markdown_table, prepare_input  # noqa: E402
 from videoindex.config import load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", choices=("full", "tiny"), default="tiny")
-    parser.add_argument("--videos", type=int, default=3, help="synthetic videos besides the 3 samples")
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--size", default="640x360")
+    parser = input_parser(__doc__, seconds=10.0)
     parser.add_argument("--steps", default="1,4,16", help="copies of the input per step")
     parser.add_argument("--shard-size", type=int, default=4)
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "videoindex-bench")
     return parser.parse_args(argv)
 
 
@@ -65,30 +57,32 @@ def main(argv: list[str] | None = None) -> None:
         if args.model == "tiny"
         else {"model.random_weights": True}
     )
-    ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     rows: list[list[Any]] = []
     for copies in (int(s) for s in args.steps.split(",")):
         inputs = replicate(folder, copies, args.workdir / f"memory-input-{copies}x")
         config = load_config(None, {"input.uri": str(inputs), "output.uri": str(args.workdir / f"memory-{copies}x"),
                                     "output.shard_size": args.shard_size, "execution.progress": False, **model})  # fmt: skip
+        # A fresh Ray per step: pooled workers would carry one step's memory into the next.
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
         result = end_to_end(config)
-        peaks = {role: max(halves) for role, halves in result["memory"].items()}
+        ray.shutdown()
+        halves = result["memory"]  # role -> (peak MiB in the first half of the run, in the second half)
         videos = len(list(inputs.iterdir()))
         rows.append([copies, videos, result["clips"], -(-videos // args.shard_size), f"{result['busy_cps']:.2f}",
-                     *(f"{peaks.get(r, 0):.0f}" for r in ("driver", "actor", "decode", "store"))])  # fmt: skip
+                     *(f"{halves[r][0]:.0f} / {halves[r][1]:.0f}" for r in ("driver", "actor", "decode", "store"))])  # fmt: skip
         print(f"step {copies}x done: {rows[-1]}", flush=True)
-    ray.shutdown()
-    print(f"\n{machine()}; model {args.model}; shard size {args.shard_size}\n")
+    print(f"\n{machine()}; model {args.model}; shard size {args.shard_size}")
+    print("Peak MiB in the first / second half of each run (RSS per process; object store bytes used):\n")
     header = [
         "copies",
         "videos",
         "clips",
         "shards",
         "clips/s",
-        "driver MiB",
-        "actor MiB",
-        "decode MiB",
-        "store MiB",
+        "driver",
+        "actor",
+        "decode worker",
+        "object store",
     ]
     print(markdown_table(header, rows))
 

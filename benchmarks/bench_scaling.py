@@ -20,27 +20,19 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_pipeline import tiny_model_dir  # noqa: E402
-from benchmarks.common import markdown_table, prepare_input  # noqa: E402
+from benchmarks.common import input_parser, markdown_table, prepare_input  # noqa: E402
 from videoindex.config import load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", choices=("full", "tiny"), default="tiny")
-    parser.add_argument("--videos", type=int, default=3, help="synthetic videos besides the 3 samples")
-    parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--size", default="640x360")
+    parser = input_parser(__doc__, seconds=30.0)
     parser.add_argument("--node-cpus", type=float, default=max(1, (os.cpu_count() or 2) // 2))
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "videoindex-bench")
     return parser.parse_args(argv)
 
 

@@ -5,8 +5,10 @@ Nothing here is part of videoindex itself; it only measures it.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -52,6 +54,17 @@ def write_synthetic_video(
         container.mux(stream.encode(None))
     tmp.rename(path)
     return path
+
+
+def input_parser(doc: str | None, *, seconds: float) -> argparse.ArgumentParser:
+    """The arguments every job benchmark shares: which model, and the synthetic input beside the samples."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("full", "tiny"), default="tiny")
+    parser.add_argument("--videos", type=int, default=3, help="synthetic videos besides the 3 samples")
+    parser.add_argument("--seconds", type=float, default=seconds, help="length of each synthetic video")
+    parser.add_argument("--size", default="640x360", help="synthetic video WIDTHxHEIGHT")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "videoindex-bench")
+    return parser
 
 
 def prepare_input(workdir: Path, *, videos: int, seconds: float, size: tuple[int, int]) -> Path:

@@ -22,6 +22,7 @@ def test_yaml_then_cli_overrides_win(tmp_path):
         ({"execution.batch_size": "many"}, "execution.batch_size: expected int"),
         ({"model.colour": "red"}, "unknown key(s) ['colour']"),
         ({"output.uri": ""}, "output.uri: no output directory given"),
+        ({"execution.decode_max_calls": -1}, "execution.decode_max_calls must be >= 0"),
     ],
 )
 def test_bad_settings_name_the_key(overrides, message):

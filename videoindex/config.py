@@ -98,7 +98,7 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class ExecutionConfig:
-    """Ray resources. None means: decide from the cluster (one actor per GPU, else one on CPU)."""
+    """Ray resources. None means: decide from the cluster (sizing.py: one actor per GPU, else per CPU node)."""
 
     address: str | None = None  # None: local Ray (or RAY_ADDRESS)
     actors: int | None = None
@@ -108,6 +108,9 @@ class ExecutionConfig:
     actor_num_gpus: float | None = None  # None: 1 per actor when the cluster has GPUs, else 0
     decode_num_cpus: float = 0.25
     decode_in_flight: int = 4  # decode tasks queued per shard being processed
+    # A decode worker is replaced after this many tasks (0: never): decoders grow memory over thousands
+    # of videos (benchmarks/bench_memory.py); a fresh worker costs ~2 s of CPU once per this many tasks.
+    decode_max_calls: int = 200
     shards_per_actor: int = 2  # shards an actor works on at once (overlaps shard boundaries)
     batch_size: int | None = None  # None: 16 on CUDA, 1 on CPU (fastest per clip there)
     torch_threads: int | None = None  # None: the actor's num_cpus rounded up, at least 1
@@ -252,6 +255,10 @@ def validate(config: JobConfig) -> None:
         (x.batch_size is None or x.batch_size >= 1, "execution.batch_size must be >= 1"),
         (x.max_attempts >= 1, "execution.max_attempts must be >= 1"),
         (x.decode_in_flight >= 1, "execution.decode_in_flight must be >= 1"),
+        (
+            x.decode_max_calls >= 0,
+            "execution.decode_max_calls must be >= 0 (0: never replace a decode worker)",
+        ),
         (x.shards_per_actor >= 1, "execution.shards_per_actor must be >= 1"),
         (
             (x.actor_num_cpus is None or x.actor_num_cpus >= 0) and x.decode_num_cpus > 0,

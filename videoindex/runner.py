@@ -139,7 +139,9 @@ def ray_extract_window(
     A worker that dies (crash, os._exit) is retried by Ray for system failures, then recorded as
     ``decoder_crash``.
     """
-    task = ray.remote(_extract_task).options(num_cpus=config.execution.decode_num_cpus, max_retries=2)
+    x = config.execution
+    remote = ray.remote(max_calls=x.decode_max_calls)(_extract_task)  # max_calls is not an .options() key
+    task = remote.options(num_cpus=x.decode_num_cpus, max_retries=2)
     timeout = config.decode.timeout_s
 
     def run(queue: deque) -> Iterator[ExtractResult]:
