@@ -1,7 +1,7 @@
 """Does memory stay flat as the input grows? The same job on N, 4N and 16N videos, peak memory of each.
 
     .venv/bin/python benchmarks/bench_memory.py [--model tiny|full] [--videos 3] [--seconds 10]
-        [--steps 1,4,16] [--shard-size 4]
+        [--steps 1,4,16] [--shard-size 4] [--set execution.decode_max_calls=50]
 
 Input: the bundled samples plus ``--videos`` synthetic videos, hard-linked ``k`` times under new names for
 each step ``k`` (distinct URIs, so distinct videos to the job). Each step runs ``run_job`` on a fresh
@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = input_parser(__doc__, seconds=10.0)
     parser.add_argument("--steps", default="1,4,16", help="copies of the input per step")
     parser.add_argument("--shard-size", type=int, default=4)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="job config override, e.g. execution.decode_max_calls=50")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     for copies in (int(s) for s in args.steps.split(",")):
         inputs = replicate(folder, copies, args.workdir / f"memory-input-{copies}x")
         config = load_config(None, {"input.uri": str(inputs), "output.uri": str(args.workdir / f"memory-{copies}x"),
-                                    "output.shard_size": args.shard_size, "execution.progress": False, **model})  # fmt: skip
+                                    "output.shard_size": args.shard_size, "execution.progress": False, **model,
+                                    **dict(item.split("=", 1) for item in args.set)})  # fmt: skip
         # A fresh Ray per step: pooled workers would carry one step's memory into the next.
         ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
         result = end_to_end(config)

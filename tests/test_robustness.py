@@ -222,7 +222,7 @@ def test_decode_queued_behind_busy_cpus_is_not_a_timeout(
     )
     try:
         hog = (
-            ray.remote(lambda s: time.sleep(s)).options(num_cpus=1).remote(12)
+            ray.remote(lambda s: time.sleep(s)).options(num_cpus=1).remote(20)
         )  # the actor gets 0.5, decode 0.5
         config = small_job_config(sample_videos, tmp_path / "out", tiny_model_dir, **{
             "decode.timeout_s": 4, "execution.decode_num_cpus": 1, "execution.actors": 1})  # fmt: skip

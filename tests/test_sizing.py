@@ -12,8 +12,10 @@ def _config(**overrides):
     return load_config(None, {"input.uri": "/in", "output.uri": "/out", **overrides})
 
 
-def _split(resources, node_cpus, shards=100, **overrides) -> ExecutionSplit:
-    return execution_split(_config(**overrides), resources, node_cpus, shards)
+def _split(resources, node_cpus, shards=100, node_gpus=None, **overrides) -> ExecutionSplit:
+    gpus = node_gpus or [resources.get("GPU", 0) / len(node_cpus)] * len(node_cpus)
+    nodes = [{"CPU": c, "GPU": g} for c, g in zip(node_cpus, gpus, strict=True)]
+    return execution_split(_config(**overrides), resources, nodes, shards)
 
 
 def test_cpu_laptop_one_actor_keeps_two_decode_slots() -> None:
@@ -52,8 +54,17 @@ def test_never_more_actors_than_shards_and_explicit_settings_win() -> None:
         ({"CPU": 2}, {"execution.actors": 2, "execution.actor_num_cpus": 1}, "decode tasks could never run"),
         ({"CPU": 2}, {"execution.actor_num_gpus": 1}, "need 1 GPUs but the cluster has 0"),
         ({"CPU": 8, "GPU": 2}, {"execution.actors": 3}, "need 3 GPUs but the cluster has 2"),
+        ({"CPU": 2}, {"model.device": "cuda"}, "model.device is cuda but the actors get no GPU"),
     ],
 )
 def test_splits_that_cannot_run_are_refused(resources, overrides, message) -> None:
     with pytest.raises(ConfigError, match=message):
         _split(resources, [resources["CPU"]], **overrides)
+
+
+def test_an_actor_bigger_than_every_node_is_refused() -> None:
+    """4 GPUs in total, but one per node: an actor asking for 2 could never be placed."""
+    with pytest.raises(ConfigError, match="no node has 1 CPU and 2 GPU"):
+        _split({"CPU": 32, "GPU": 4}, [8, 8, 8, 8], **{"execution.actor_num_gpus": 2})
+    with pytest.raises(ConfigError, match="decode_num_cpus 12 is more than any node"):
+        _split({"CPU": 32}, [8, 8, 8, 8], **{"execution.decode_num_cpus": 12, "execution.actor_num_cpus": 1})

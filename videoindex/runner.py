@@ -102,7 +102,8 @@ class _Counters:
 
 
 _QUEUED = {"NIL", "PENDING_ARGS_AVAIL", "PENDING_NODE_ASSIGNMENT", "PENDING_OBJ_STORE_MEM_AVAIL",
-           "PENDING_ARGS_FETCH", "SUBMITTED_TO_WORKER", "GETTING_AND_PINNING_ARGS"}  # fmt: skip
+           "PENDING_ARGS_FETCH", "GETTING_AND_PINNING_ARGS"}  # fmt: skip
+QUEUE_WAIT_FACTOR = 10  # a task queued longer than this many timeouts is judged hung all the same
 
 
 def _seconds_left(ref: Any, timeout: float) -> float:
@@ -120,7 +121,8 @@ def _seconds_left(ref: Any, timeout: float) -> float:
         return 0.0
     if not attempts:
         return 0.0
-    last = attempts[-1] if isinstance(attempts, list) else attempts
+    attempts = attempts if isinstance(attempts, list) else [attempts]
+    last = max(attempts, key=lambda a: a.attempt_number)  # the state API returns attempts in no set order
     if last.state in _QUEUED:
         return timeout
     if last.state.startswith("RUNNING") and last.start_time_ms:
@@ -152,8 +154,10 @@ def ray_extract_window(
                 window.append((request, task.remote(request, settings)))
             request, ref = window.popleft()
             ready, _ = ray.wait([ref], timeout=timeout)
-            while not ready and (left := _seconds_left(ref, timeout)) > 0:
-                ready, _ = ray.wait([ref], timeout=left)
+            deadline = time.monotonic() + QUEUE_WAIT_FACTOR * timeout
+            while not ready and time.monotonic() < deadline and (left := _seconds_left(ref, timeout)) > 0:
+                ready, _ = ray.wait([ref], timeout=min(left, max(0.0, deadline - time.monotonic())))
+            ready = ready or ray.wait([ref], timeout=0)[0]  # it may have finished while we asked its state
             if not ready:
                 ray.cancel(ref, force=True)
                 error = DecodeError(
@@ -430,8 +434,8 @@ def run_job(
     result = JobResult(EXIT_OK, {"output": config.output.uri, "shards": shards, "shards_to_run": len(queue)})
     if queue:
         _init_ray(config)
-        node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
-        split = execution_split(config, ray.cluster_resources(), node_cpus, len(queue))
+        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+        split = execution_split(config, ray.cluster_resources(), nodes, len(queue))
         log.info("execution: %s; decode tasks %g CPU", split, config.execution.decode_num_cpus)
         job = ActorJob(
             config=config, model=info, settings=settings, output_root=config.output.uri, split=split

@@ -26,14 +26,22 @@ class ExecutionSplit:
 
 
 def execution_split(
-    config: JobConfig, resources: Mapping[str, float], node_cpus: Sequence[float], shards_to_run: int
+    config: JobConfig,
+    resources: Mapping[str, float],
+    nodes: Sequence[Mapping[str, float]],
+    shards_to_run: int,
 ) -> ExecutionSplit:
     """The split for this cluster. Defaults: one actor per GPU, or on a CPU cluster one actor per CPU node
     taking that node's CPUs but two decode slots (more actors than nodes share a node's CPUs). Never more
-    actors than shards to run. ``node_cpus``: CPUs of each live node (a 0-CPU head runs no actor)."""
+    actors than shards to run. ``nodes``: the resources of each live node (a 0-CPU head runs no actor)."""
     x = config.execution
     gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
-    cpu_nodes = [c for c in node_cpus if c > 0]
+    cpu_nodes = [c for n in nodes if (c := n.get("CPU", 0)) > 0]
+    if config.model.device.startswith("cuda") and (not gpus or x.actor_num_gpus == 0):
+        raise ConfigError(
+            f"model.device is {config.model.device} but the actors get no GPU (cluster GPUs {gpus:g}, "
+            f"execution.actor_num_gpus {x.actor_num_gpus}): use model.device auto or cpu, or add GPUs."
+        )
     num_gpus = x.actor_num_gpus
     if num_gpus is None:
         num_gpus = 1.0 if gpus and config.model.device != "cpu" else 0.0
@@ -55,8 +63,22 @@ def execution_split(
             f"need more than the cluster's {cpus:g} CPUs: decode tasks could never run. Lower "
             "execution.actors, execution.actor_num_cpus or execution.decode_num_cpus."
         )
+    _check_fits_a_node(nodes, num_cpus=num_cpus, num_gpus=num_gpus, decode_cpus=x.decode_num_cpus)
     batch = x.batch_size or (CUDA_BATCH if num_gpus else CPU_BATCH)
     threads = x.torch_threads or max(1, math.ceil(num_cpus))
     return ExecutionSplit(
         actors=actors, num_gpus=num_gpus, num_cpus=num_cpus, batch_size=batch, torch_threads=threads
     )
+
+
+def _check_fits_a_node(nodes: Sequence[Mapping[str, float]], *, num_cpus: float, num_gpus: float,
+                       decode_cpus: float) -> None:  # fmt: skip
+    """Ray never places an actor or task bigger than every node: it would wait forever, so refuse now."""
+    if not any(n.get("CPU", 0) >= num_cpus and n.get("GPU", 0) >= num_gpus for n in nodes):
+        raise ConfigError(
+            f"execution: no node has {num_cpus:g} CPU and {num_gpus:g} GPU for one actor (nodes: "
+            f"{[{k: n.get(k, 0) for k in ('CPU', 'GPU')} for n in nodes]}): lower execution.actor_num_cpus "
+            "or execution.actor_num_gpus."
+        )
+    if not any(n.get("CPU", 0) >= decode_cpus for n in nodes):
+        raise ConfigError(f"execution.decode_num_cpus {decode_cpus:g} is more than any node's CPUs")
