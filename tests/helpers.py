@@ -33,3 +33,13 @@ def table_hashes(output: Path) -> dict[str, str]:
     """sha256 of every Parquet file of the clips, videos and errors tables, by relative path."""
     files = sorted(p for t in ("clips", "videos", "errors") for p in (output / t).rglob("*.parquet"))
     return {str(p.relative_to(output)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def videos_by_name(output: Path) -> dict[str, dict[str, Any]]:
+    """The job's videos rows keyed by file name; a video with two rows fails the test."""
+    import pyarrow.dataset as ds
+
+    rows = ds.dataset(output / "videos", partitioning="hive").to_table().to_pylist()
+    by_name = {Path(row["uri"]).name: row for row in rows}
+    assert len(by_name) == len(rows), f"duplicate videos rows: {sorted(Path(r['uri']).name for r in rows)}"
+    return by_name

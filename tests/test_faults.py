@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SAMPLES
-from tests.helpers import small_job_config, table_hashes
+from tests.helpers import small_job_config, table_hashes, videos_by_name
 from videoindex import storage
 from videoindex.ledger import Ledger
 from videoindex.runner import run_job
@@ -133,7 +133,6 @@ def test_worker_node_removed(cluster, input_dir, tiny_model_dir_module, clean, t
 def test_hanging_and_crashing_decoder_then_retry_failed(
     cluster, input_dir, tiny_model_dir_module, clean, tmp_path
 ):
-    import pyarrow.dataset as ds
 
     output = tmp_path / "out"
     config = _config(input_dir, output, tiny_model_dir_module, **{"decode.timeout_s": 8})
@@ -146,10 +145,7 @@ def test_hanging_and_crashing_decoder_then_retry_failed(
         hang.unlink()
         crash.unlink()
     assert result.exit_code == 1
-    videos = {
-        Path(v["uri"]).name: v
-        for v in ds.dataset(output / "videos", partitioning="hive").to_table().to_pylist()
-    }
+    videos = videos_by_name(output)
     assert videos["video-1.mp4"]["error_type"] == "timeout"
     assert "longer than 8 s" in videos["video-1.mp4"]["error_message"]
     assert videos["video-4.mp4"]["error_type"] == "decoder_crash"

@@ -12,7 +12,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import small_job_config, table_hashes
+from tests.helpers import small_job_config, table_hashes, videos_by_name
 from videoindex.config import load_config
 from videoindex.jobfile import JobMismatchError
 from videoindex.runner import EXIT_VIDEOS_FAILED, run_job
@@ -38,8 +38,7 @@ def test_index_folder_end_to_end(ray_session, tiny_model_dir, messy_input, tmp_p
     assert result.exit_code == EXIT_VIDEOS_FAILED  # some videos failed, the job finished
     assert result.summary["shards_committed"] == 3
 
-    videos = ds.dataset(output / "videos", partitioning="hive").to_table().to_pylist()
-    by_name = {Path(v["uri"]).name: v for v in videos}
+    by_name = videos_by_name(output)
     assert sorted(by_name) == ["carphone_pristine.mp4", "demo.mp4", "empty.mp4", "noise.mkv", "notes.mp4"]
     assert by_name["empty.mp4"]["error_type"] == "empty_file"
     assert by_name["notes.mp4"]["error_type"] == "not_a_video"
@@ -127,10 +126,7 @@ def test_missing_file_in_manifest_is_a_row(ray_session, tiny_model_dir, sample_v
     output = tmp_path / "out"
     result = run_job(small_job_config(str(manifest), output, tiny_model_dir))
     assert result.exit_code == EXIT_VIDEOS_FAILED
-    videos = {
-        Path(v["uri"]).name: v
-        for v in ds.dataset(output / "videos", partitioning="hive").to_table().to_pylist()
-    }
+    videos = videos_by_name(output)
     assert videos["gone.mp4"]["error_type"] == "not_found"
     assert "gone.mp4" in videos["gone.mp4"]["error_message"]
     assert videos["demo.mp4"]["status"] == "ok"

@@ -14,6 +14,7 @@ from videoindex.write import parquet_bytes
 
 
 def test_row_groups_follow_the_size_not_the_batches(tmp_path: Path) -> None:
+    """A shard's table arrives in many chunks (its batches); row groups still follow row_group_size."""
     batches = [pa.table({"x": pa.array(range(i * 10, i * 10 + 10))}) for i in range(25)]
     table = pa.concat_tables(batches)  # 25 chunks of 10 rows, as a shard's batches arrive
     assert table["x"].num_chunks == 25
