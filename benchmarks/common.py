@@ -87,6 +87,18 @@ def prepare_input(workdir: Path, *, videos: int, seconds: float, size: tuple[int
 # -------------------------------------------------------------------------------------------- memory
 
 
+def _shmem_bytes(pid: int) -> int:
+    """Resident shared-memory pages of a process (``RssShmem``: the object store's /dev/shm mapping); 0 off Linux."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssShmem:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _role(proc: psutil.Process) -> str | None:
     """Ray names its worker processes after what they run (``ray::ModelActor.index``, ``ray::_extract_task``)."""
     try:
@@ -104,11 +116,16 @@ def _role(proc: psutil.Process) -> str | None:
 
 @dataclass
 class MemorySampler:
-    """Polls RSS of the driver, model actors and decode workers, and object store bytes, in a thread.
+    """Polls memory of the driver, model actors and decode workers, and object store bytes, in a thread.
 
-    A Ray worker process that ever ran a decode task counts as a decode worker from then on (between
-    tasks its title says IDLE). Peaks are kept separately for the first and second half of the run (by
-    time), so "stays flat as the input grows" can be read off one run.
+    Per process it records RSS, and RSS less its resident shared-memory pages (``RssShmem``): a Ray worker
+    maps the object store's /dev/shm file, and every page of it the worker writes (a decode result) or
+    reads (the actor's clips) counts in its RSS although the store owns it, so the RSS of a long-lived
+    worker creeps up to the store pages it ever touched. Ray's docs measure worker heap as RSS - SHR for
+    that reason; the store's own use is reported separately. A Ray worker process that ever ran a decode task
+    counts as a decode worker from then on (between tasks its title says IDLE). Peaks are kept separately
+    for the first and second half of the run (by time), so "stays flat as the input grows" can be read off
+    one run.
     """
 
     interval_s: float = 1.0
@@ -132,8 +149,11 @@ class MemorySampler:
     def _loop(self) -> None:
         driver = psutil.Process()
         while not self._stop.is_set():
-            sample: dict[str, Any] = {"t": time.time(), "driver": driver.memory_info().rss, "actor": 0,
-                                      "decode": 0, "store": self._store.used()}  # fmt: skip
+            info = driver.memory_info()
+            sample: dict[str, Any] = {"t": time.time(), "store": self._store.used(),
+                                      "driver": info.rss - _shmem_bytes(driver.pid),
+                                      "driver_rss": info.rss, "actor": 0, "actor_rss": 0, "decode": 0,
+                                      "decode_rss": 0}  # fmt: skip
             for proc in psutil.process_iter():
                 role = _role(proc)
                 if role in ("actor", "decode"):
@@ -142,7 +162,9 @@ class MemorySampler:
                 if role is None:
                     continue
                 try:
-                    sample[role] = max(sample[role], proc.memory_info().rss)
+                    info = proc.memory_info()
+                    sample[role] = max(sample[role], info.rss - _shmem_bytes(proc.pid))
+                    sample[f"{role}_rss"] = max(sample[f"{role}_rss"], info.rss)
                     times = proc.cpu_times()
                     self.cpu_s[proc.pid] = times.user + times.system
                 except psutil.Error:
@@ -157,15 +179,19 @@ class MemorySampler:
             out[self.roles[pid]] += seconds
         return out
 
-    def peaks(self) -> dict[str, tuple[float, float]]:
-        """Per role: (peak MiB in the first half of the run, peak MiB in the second half)."""
+    def peaks(self, *, rss: bool = False) -> dict[str, tuple[float, float]]:
+        """Per role: (peak MiB in the first half of the run, peak MiB in the second half).
+
+        RSS less object-store pages per process, or with ``rss`` the raw RSS; the object store either way.
+        """
         if not self.samples:
             return {}
         middle = (self.samples[0]["t"] + self.samples[-1]["t"]) / 2
         halves = ([s for s in self.samples if s["t"] <= middle], [s for s in self.samples if s["t"] > middle])
         out = {}
         for role in ("driver", "actor", "decode", "store"):
-            values = [max((s[role] or 0 for s in half), default=0) / 2**20 for half in halves]
+            key = f"{role}_rss" if rss and role != "store" else role
+            values = [max((s[key] or 0 for s in half), default=0) / 2**20 for half in halves]
             out[role] = (values[0], values[1])
         return out
 
