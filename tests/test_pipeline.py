@@ -190,6 +190,22 @@ def test_split_is_checked_against_the_running_cluster(ray_session, tiny_model_di
         run_job(config)
 
 
+def test_decode_tasks_run_with_the_decode_worker_env(ray_session, tiny_model_dir, sample_videos, tmp_path):
+    """Ray starts decode workers with DECODE_WORKER_ENV (glibc reads it only at process start)."""
+    import os
+
+    from videoindex.memory import DECODE_WORKER_ENV
+    from videoindex.runner import decode_task_options
+
+    config = small_job_config(str(sample_videos), tmp_path / "out", tiny_model_dir)
+
+    def worker_env() -> dict[str, str | None]:
+        return {key: os.environ.get(key) for key in DECODE_WORKER_ENV}
+
+    probe = ray_session.remote(worker_env).options(**decode_task_options(config.execution))
+    assert ray_session.get(probe.remote(), timeout=120) == DECODE_WORKER_ENV
+
+
 def test_failing_shard_gets_max_attempts_in_every_run(ray_session, tiny_model_dir, sample_videos, tmp_path):
     """A crash between writing the plan and _job.json leaves a lone _plan/: a new run takes the output.
     A shard that keeps failing gets execution.max_attempts tries per run, then commits once repaired."""

@@ -13,12 +13,10 @@ video fails as ``out_of_memory`` and the worker process lives on.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import resource
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +26,7 @@ from videoindex import storage
 from videoindex.config import DecodeConfig, SamplingConfig
 from videoindex.decode import VideoMeta, open_video
 from videoindex.errors import DecodeError, classify_error
+from videoindex.memory import memory_cap, private_memory_bytes
 from videoindex.plan import VideoTask
 from videoindex.preprocess import PreprocessSpec, resize_and_crop
 from videoindex.sampling import ClipSpec, clip_times, plan_clips
@@ -86,18 +85,6 @@ def thumbnail_jpeg(frame: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def private_memory_bytes() -> int | None:
-    """This process's private writable memory (VmData: what RLIMIT_DATA limits); None off Linux."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmData:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def check_memory(frames: int, meta: VideoMeta, uri: str) -> None:
     """Raise out_of_memory when reading ``frames`` frames would pass this process's RLIMIT_DATA.
 
@@ -114,29 +101,6 @@ def check_memory(frames: int, meta: VideoMeta, uri: str) -> None:
         raise DecodeError("out_of_memory", "decode", f"{uri}: reading {frames} frames of {meta.width}x"
                           f"{meta.height} needs about {need / 2**20:.0f} MiB; {max(limit - used, 0) / 2**20:.0f} "
                           "MiB left under decode.max_memory_mb", decoder=meta.decoder)  # fmt: skip
-
-
-@contextlib.contextmanager
-def memory_cap(max_mb: int) -> Iterator[None]:
-    """Let this process grow its private memory by at most ``max_mb`` MiB while the block runs (Linux).
-
-    RLIMIT_DATA counts private writable memory (heap, malloc and anonymous mmap) but not the shared
-    object store Ray maps into every worker, so it limits the decode's own allocations: past it numpy and
-    PyAV raise MemoryError, torch "can't allocate memory", all classified out_of_memory, and the worker
-    survives (checked in Ray workers). ``max_mb <= 0`` disables the cap. The old limit comes back after.
-    """
-    used = private_memory_bytes()
-    if max_mb <= 0 or used is None:
-        yield
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    cap = used + max_mb * 2**20
-    cap = min(c for c in (cap, soft, hard) if c != resource.RLIM_INFINITY)
-    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
 def read_groups(clips: tuple[ClipSpec, ...], frame_bytes: int, budget: int) -> list[tuple[ClipSpec, ...]]:

@@ -22,11 +22,12 @@ from typing import Any
 import ray
 
 from videoindex import __version__, plan, storage
-from videoindex.config import JobConfig
+from videoindex.config import ExecutionConfig, JobConfig
 from videoindex.errors import DecodeError
 from videoindex.extract import ExtractRequest, ExtractResult, ExtractSettings, extract
 from videoindex.jobfile import JOB_FILE, check_compatible, job_record, read_job, refuse_foreign_tables
 from videoindex.ledger import Ledger
+from videoindex.memory import DECODE_WORKER_ENV, trim_heap
 from videoindex.model import ModelInfo, VideoClassifier, resolve_model
 from videoindex.resume import failed_videos
 from videoindex.schema import shard_name
@@ -55,6 +56,12 @@ class ActorJob:
     settings: ExtractSettings
     output_root: str
     split: ExecutionSplit  # actors, their CPUs/GPUs, threads and batch size for this cluster
+
+
+def decode_task_options(execution: ExecutionConfig) -> dict[str, Any]:
+    """Ray options of a decode task: its CPUs, Ray's retries of a dead worker, the worker's allocator."""
+    env = {"env_vars": DECODE_WORKER_ENV}  # merged by Ray with the job's runtime_env
+    return {"num_cpus": execution.decode_num_cpus, "max_retries": 2, "runtime_env": env}
 
 
 def _extract_task(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult:
@@ -141,9 +148,8 @@ def ray_extract_window(
     A worker that dies (crash, os._exit) is retried by Ray for system failures, then recorded as
     ``decoder_crash``.
     """
-    x = config.execution
-    remote = ray.remote(max_calls=x.decode_max_calls)(_extract_task)  # max_calls is not an .options() key
-    task = remote.options(num_cpus=x.decode_num_cpus, max_retries=2)
+    remote = ray.remote(max_calls=config.execution.decode_max_calls)(_extract_task)  # not an .options() key
+    task = remote.options(**decode_task_options(config.execution))
     timeout = config.decode.timeout_s
 
     def run(queue: deque) -> Iterator[ExtractResult]:
@@ -247,6 +253,12 @@ class ModelActor:
 
     def index(self, shard: int, attempt: int, video_ids: tuple[str, ...] | None = None) -> dict[str, Any]:
         """Index a shard (or only ``video_ids`` of a committed shard), write it, commit it."""
+        try:
+            return self._index(shard, attempt, video_ids)
+        finally:
+            trim_heap()  # the shard's clips and tables are gone: keep the actor flat over thousands of shards
+
+    def _index(self, shard: int, attempt: int, video_ids: tuple[str, ...] | None) -> dict[str, Any]:
         context = ray.get_runtime_context()
         where = {"node": context.get_node_id(), "actor": context.get_actor_id(), "pid": os.getpid()}
         self.ledger.started(
