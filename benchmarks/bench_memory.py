@@ -1,4 +1,4 @@
-"""Does memory stay flat as the input grows? The same job on N, 4N and 16N videos, peak memory of each.
+"""Does memory stay flat as the input grows? The same job on k times the input per step, peak memory of each.
 
     .venv/bin/python benchmarks/bench_memory.py [--model tiny|full] [--videos 3] [--seconds 10]
         [--steps 1,4,16] [--shard-size 4] [--set execution.decode_max_calls=50]
@@ -7,9 +7,9 @@ Input: the bundled samples plus ``--videos`` synthetic videos, hard-linked ``k``
 each step ``k`` (distinct URIs, so distinct videos to the job). Each step runs ``run_job`` on a fresh
 output and a fresh local Ray with the shipped execution defaults; a sampler (psutil, by Ray process title)
 records the peak RSS of the driver, the model actor and the decode workers (raw, and less the object
-store's shared pages they mapped, which is the memory they hold themselves), and object store bytes used.
+store's shared pages they mapped: their heap and libraries), and object store bytes used.
 Flat means: the largest step's peaks are those of the smallest, within allocator noise, while the
-input (videos, clips, shards) grows 16x.
+input (videos, clips, shards) grows step by step (e.g. 1x to 256x).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"step {copies}x done: {rows[-1]} (RSS: {rss_rows[-1][5:8]})", flush=True)
     print(f"\n{machine()}; model {args.model}; shard size {args.shard_size}")
     print("Peak MiB in the first / second half of each run: RSS less object-store pages per process")
-    print("(the memory the process itself holds); object store bytes used:\n")
+    print("(its heap and mapped libraries, not the store's pages); object store bytes used:\n")
     header = [
         "copies",
         "videos",

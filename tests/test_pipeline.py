@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import small_job_config, table_hashes, videos_by_name
-from videoindex.config import load_config
+from videoindex.config import ExecutionConfig, load_config
 from videoindex.jobfile import JobMismatchError
-from videoindex.runner import EXIT_VIDEOS_FAILED, run_job
+from videoindex.memory import DECODE_WORKER_ENV
+from videoindex.runner import EXIT_VIDEOS_FAILED, decode_task_options, run_job
 from videoindex.sampling import plan_clips
 from videoindex.schema import VIDEOS_SCHEMA, clips_schema
 from videoindex.status import job_status
@@ -190,20 +192,18 @@ def test_split_is_checked_against_the_running_cluster(ray_session, tiny_model_di
         run_job(config)
 
 
-def test_decode_tasks_run_with_the_decode_worker_env(ray_session, tiny_model_dir, sample_videos, tmp_path):
-    """Ray starts decode workers with DECODE_WORKER_ENV (glibc reads it only at process start)."""
-    import os
-
-    from videoindex.memory import DECODE_WORKER_ENV
-    from videoindex.runner import decode_task_options
-
-    config = small_job_config(str(sample_videos), tmp_path / "out", tiny_model_dir)
+@pytest.mark.skipif(any(k in os.environ for k in DECODE_WORKER_ENV), reason="the control needs it unset")
+def test_decode_tasks_run_with_the_decode_worker_env(ray_session):
+    """Ray starts decode workers with DECODE_WORKER_ENV (glibc reads it only at process start); other
+    workers, like the control task here, keep the node's environment."""
 
     def worker_env() -> dict[str, str | None]:
         return {key: os.environ.get(key) for key in DECODE_WORKER_ENV}
 
-    probe = ray_session.remote(worker_env).options(**decode_task_options(config.execution))
-    assert ray_session.get(probe.remote(), timeout=120) == DECODE_WORKER_ENV
+    probe = ray_session.remote(worker_env)
+    assert ray_session.get(probe.remote(), timeout=120) == dict.fromkeys(DECODE_WORKER_ENV)
+    decode_probe = probe.options(**decode_task_options(ExecutionConfig()))
+    assert ray_session.get(decode_probe.remote(), timeout=120) == DECODE_WORKER_ENV
 
 
 def test_failing_shard_gets_max_attempts_in_every_run(ray_session, tiny_model_dir, sample_videos, tmp_path):

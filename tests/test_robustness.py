@@ -7,11 +7,7 @@ bounded reads of huge frames, and long videos decoded chunk by chunk with ``max_
 
 from __future__ import annotations
 
-import os
-import platform
 import resource
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -109,66 +105,6 @@ def test_memory_blowup_is_out_of_memory_and_the_process_lives_on(tmp_path: Path)
     fine = write_index_video(tmp_path / "fine.mp4", frames=20)
     result = extract(_request(fine), _settings(HUNGRY, max_memory_mb=256))
     assert result.error is None and result.frames.shape == (1, 16, 32, 32, 3)
-
-
-_ARENA_PROBE = """
-import ctypes, threading
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-blocks = []
-thread = threading.Thread(target=lambda: blocks.append(libc.malloc(4096)))  # as a decoder thread would
-thread.start()
-thread.join()
-size_field = ctypes.c_size_t.from_address(blocks[0] - ctypes.sizeof(ctypes.c_size_t)).value
-print("own arena" if size_field & 4 else "main arena")  # glibc's NON_MAIN_ARENA bit
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
-def test_decode_worker_env_puts_every_thread_in_one_arena() -> None:
-    """With DECODE_WORKER_ENV a decoder thread's buffers come from the one shared heap, so a freed frame
-    buffer is reused by the next video whatever thread decodes it (the control: by default a thread gets
-    its own arena)."""
-    from videoindex.memory import DECODE_WORKER_ENV
-
-    arena = {}
-    for name, extra in (("default", {}), ("decode worker", DECODE_WORKER_ENV)):
-        env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | extra
-        done = subprocess.run([sys.executable, "-c", _ARENA_PROBE], env=env, capture_output=True, text=True,
-                              timeout=60)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-2000:]
-        arena[name] = done.stdout.strip()
-    assert arena == {"default": "own arena", "decode worker": "main arena"}
-
-
-_TRIM_PROBE = """
-import ctypes, sys
-from videoindex.memory import trim_heap
-
-def anon_mib():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon:")) / 1024
-
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
-blocks = [libc.malloc(64 << 10) for _ in range(3200)]  # 200 MiB of heap blocks under the mmap threshold
-for block in blocks:
-    ctypes.memset(block, 1, 64 << 10)
-for block in blocks[:-1]:  # the last one stays in use at the top, so free() alone cannot shrink the heap
-    libc.free(block)
-held = anon_mib()
-trimmed = trim_heap()
-print(held, anon_mib(), trimmed)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
-def test_trim_heap_returns_freed_pages_to_the_os() -> None:
-    """What a model actor frees during a shard goes back to the OS once the shard is done."""
-    done = subprocess.run([sys.executable, "-c", _TRIM_PROBE], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    held, after, trimmed = done.stdout.split()
-    assert float(held) > 150 and float(after) < float(held) - 150 and trimmed == "True", done.stdout
 
 
 def test_huge_frames_past_the_cap_are_refused_before_decord_aborts(tmp_path: Path) -> None:

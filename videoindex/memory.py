@@ -48,27 +48,19 @@ def memory_cap(max_mb: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
-# glibc reads this when a process starts, so Ray sets it for decode workers through the task's runtime_env.
-DECODE_WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
-"""One malloc arena for decode workers: keeps a long-lived worker's heap from creeping video after video.
-
-A Ray worker has dozens of threads (gRPC, core worker) and glibc gives threads their own arenas; the
-decoder's frame buffers then land in whichever arena their thread got, and freed ones are reused by
-that arena only. Measured in one Ray worker decoding the same 6 videos over and over (results not
-returned, so no object store pages count): private memory 301 -> 430 MiB over 96 tasks with the
-default arenas, 260 -> 274 with one, decode CPU time unchanged. Fixing glibc's mmap threshold at 128
-KiB kept it flat as well but cost 10% more decode CPU (every frame buffer mmapped and faulted in).
-"""
+# One malloc arena per decode worker. A Ray worker has dozens of threads, each with its own glibc arena;
+# frame buffers freed in one arena are reused by that arena only, so a long-lived worker's heap crept
+# video after video (figures: benchmarks/README.md, bench_memory). glibc reads it only when a process
+# starts, so Ray sets it through the decode task's runtime_env; it replaces a job-level value of the key.
+DECODE_WORKER_ENV: dict[str, str] = {"MALLOC_ARENA_MAX": "1"}
 
 
 def trim_heap() -> bool:
-    """Give the allocator's free pages back to the OS (glibc malloc_trim; False elsewhere).
+    """Give the allocator's free pages back to the OS (glibc malloc_trim; False elsewhere or if none).
 
-    A model actor frees a shard's clips, tensors and tables between shards, but glibc keeps the pages
-    in its arenas, so without this the actor's private memory crept up shard after shard (tiny model,
-    shard size 4: peaks 734 -> 815 MiB from 400 to 1,600 clips; with it, 654 -> 653, clips/s within noise).
-    Cheap next to a shard (milliseconds), so the actor calls it after each commit. Pinning the mmap
-    threshold instead kept the actor flat too but cost 15% of its throughput (every activation mmapped).
+    A model actor frees a shard's clips, tensors and tables when the shard ends, but glibc keeps the
+    pages in its arenas, so the actor's memory crept up shard after shard; one trim per shard attempt
+    costs far less than the shard (figures: benchmarks/README.md, bench_memory).
     """
     if sys.platform != "linux":
         return False

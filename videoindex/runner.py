@@ -60,7 +60,7 @@ class ActorJob:
 
 def decode_task_options(execution: ExecutionConfig) -> dict[str, Any]:
     """Ray options of a decode task: its CPUs, Ray's retries of a dead worker, the worker's allocator."""
-    env = {"env_vars": DECODE_WORKER_ENV}  # merged by Ray with the job's runtime_env
+    env = {"env_vars": dict(DECODE_WORKER_ENV)}  # merged by Ray into the job's runtime_env
     return {"num_cpus": execution.decode_num_cpus, "max_retries": 2, "runtime_env": env}
 
 
