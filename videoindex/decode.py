@@ -64,7 +64,7 @@ class VideoMeta:
 
 
 class _Source:
-    """Where bytes come from: a local path string (fast path) or fsspec file objects (remote)."""
+    """Where bytes come from: a local path string (fast path) or one fsspec file object (remote)."""
 
     def __init__(self, uri: str, fs: Any | None) -> None:
         if fs is None:
@@ -73,7 +73,7 @@ class _Source:
             path = fs._strip_protocol(uri)
         self.uri, self.fs, self.path = uri, fs, path
         self.local = "file" in _protocols(fs)
-        self._handles: list[IO[bytes]] = []
+        self._remote: IO[bytes] | None = None
 
     def size(self) -> int:
         """Bytes in the file; raises FileNotFoundError/PermissionError/IsADirectoryError like open()."""
@@ -91,19 +91,11 @@ class _Source:
     def _handle(self) -> IO[bytes]:
         """One remote file object per video, shared by the probe and the decoders and rewound for each,
         with a small LRU of 8 MiB blocks: the file head is fetched once, not once per opener."""
-        if not self._handles:
-            self._handles.append(
-                self.fs.open(
-                    self.path,
-                    "rb",
-                    block_size=REMOTE_BLOCK_SIZE,
-                    cache_type="blockcache",
-                    cache_options={"maxblocks": REMOTE_MAX_BLOCKS},
-                )  # fmt: skip
-            )
-        handle = self._handles[0]
-        handle.seek(0)
-        return handle
+        if self._remote is None:
+            self._remote = self.fs.open(self.path, "rb", block_size=REMOTE_BLOCK_SIZE, cache_type="blockcache",
+                                        cache_options={"maxblocks": REMOTE_MAX_BLOCKS})  # fmt: skip
+        self._remote.seek(0)
+        return self._remote
 
     def open(self) -> str | IO[bytes]:
         """The path (local) or the shared file object, kept open until close() (decord reads it whole)."""
@@ -116,9 +108,9 @@ class _Source:
             yield container
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.close()
-        self._handles.clear()
+        if self._remote is not None:
+            self._remote.close()
+            self._remote = None
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:

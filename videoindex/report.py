@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from videoindex import schema
-from videoindex.config import ConfigError, parse_storage_options
+from videoindex.config import SECRET_KEY_PARTS, ConfigError, parse_storage_options
 from videoindex.extract import thumbnail_jpeg
 from videoindex.ledger import Ledger
 from videoindex.query import Index, QueryError, _matrix, _one_line, open_index
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 TEMPLATE = "report.html.j2"
 MAX_TIMELINE_CLIPS = 24  # clips shown per sampled video (evenly spread over longer videos)
 TOP_LABELS = 20  # bars per label histogram
-SECRET_WORDS = ("storage_options", "secret", "token", "password", "key", "credential")
+SECRET_WORDS = ("storage_options", *SECRET_KEY_PARTS)  # config fields the report never shows
 NEIGHBOUR_COLUMNS = ["shard", "video_id", "clip_index", "uri", "start_s", "end_s", "label", "score",
                      "frame_indices"]  # fmt: skip
 TIMELINE_COLUMNS = ["video_id", "clip_index", "start_s", "end_s", "label", "score", "topk_labels",

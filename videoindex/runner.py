@@ -205,7 +205,7 @@ def ray_extract_window(
                 metrics.decode.observe(result.decode_s)
                 if result.clips:
                     metrics.clips.inc(len(result.clips))
-                if request.chunk == 0:
+                if first:
                     metrics.videos.inc(1, tags={"status": "error" if result.error else "ok"})
             yield result
 
