@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_pipeline import end_to_end, machine, tiny_model_dir  # noqa: E402
 from benchmarks.common import input_parser, markdown_table, prepare_input  # noqa: E402
 from videoindex.config import load_config  # noqa: E402
+from videoindex.runner import ray_system_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
                                     "output.shard_size": args.shard_size, "execution.progress": False, **model,
                                     **dict(item.split("=", 1) for item in args.set)})  # fmt: skip
         # A fresh Ray per step: pooled workers would carry one step's memory into the next.
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+                 _system_config=ray_system_config())  # fmt: skip
         result = end_to_end(config)
         ray.shutdown()
         videos = len(list(inputs.iterdir()))

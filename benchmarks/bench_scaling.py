@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_pipeline import tiny_model_dir  # noqa: E402
 from benchmarks.common import input_parser, markdown_table, prepare_input  # noqa: E402
 from videoindex.config import load_config  # noqa: E402
+from videoindex.runner import ray_system_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     width, height = (int(v) for v in args.size.split("x"))
     folder = prepare_input(args.workdir, videos=args.videos, seconds=args.seconds, size=(width, height))
     cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": args.node_cpus, "include_dashboard": False}
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": args.node_cpus,
+            "include_dashboard": False,
+            "_system_config": ray_system_config(),
+        },
     )
     cluster.add_node(num_cpus=args.node_cpus)
     cluster.wait_for_nodes()

@@ -28,16 +28,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def ray_session():
-    """One local Ray shared by the tests that need it (starting Ray costs seconds).
+    """One local Ray shared by the tests that need it (starting Ray costs seconds), set up as
+    ``videoindex run`` starts a local Ray.
 
     Fault tests shut it down to start a multi-node cluster; the next user starts it again.
     """
     import ray
 
+    from videoindex.runner import ray_system_config
+
     if not ray.is_initialized():
-        ray.init(
-            address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False
-        )
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False, _system_config=ray_system_config())  # fmt: skip
     return ray
 
 

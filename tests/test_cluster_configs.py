@@ -295,6 +295,15 @@ def test_readme_and_dockerfile_document_the_same_image():
     assert "cores_per_gpu = model_clips_per_s_per_gpu / decode_clips_per_s_per_core" in readme
 
 
+def test_dockerfile_sets_the_worker_pool_settings_of_a_local_run():
+    """Every node runs the image, so its raylet gets the settings videoindex gives a local Ray."""
+    from videoindex.runner import ray_node_env
+
+    text = (CLUSTER / "Dockerfile").read_text().replace("\\\n", " ")
+    env = dict(re.findall(r"(RAY_\w+)=(\S+)", " ".join(re.findall(r"^ENV (.+)$", text, re.MULTILINE))))
+    assert env == ray_node_env()
+
+
 # --- job configs ---------------------------------------------------------------------------------------------
 
 

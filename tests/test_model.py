@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
+import threading
 from pathlib import Path
 
 import decord
@@ -16,7 +19,7 @@ from transformers.models.videomae.image_processing_pil_videomae import VideoMAEI
 
 from tests.tinymodel import make_tiny_videomae
 from videoindex.config import DEFAULT_MODEL, ConfigError, ModelConfig, PreprocessConfig
-from videoindex.model import ModelLoadError, VideoClassifier, resolve_model
+from videoindex.model import ModelLoadError, ModelThread, VideoClassifier, resolve_model
 from videoindex.preprocess import normalize, resize_and_crop
 
 SAMPLES = Path(__file__).resolve().parents[1] / "videoindex" / "samples"
@@ -249,3 +252,50 @@ def test_half_precision_path_on_each_device(tiny_model_dir: Path, device: str, d
 def test_auto_dtype_follows_the_device(tiny_model_dir: Path, device: str) -> None:
     clf = load(tiny_model_dir, device=device, dtype="auto")
     assert next(clf.model.parameters()).dtype == {"cpu": torch.float32, "cuda": torch.bfloat16}[device]
+
+
+def _threads_while_callers_wait(run, callers: int) -> int:
+    """OS threads of this process while ``callers`` threads have each called ``run`` and are still alive."""
+    done, release = threading.Barrier(callers + 1), threading.Event()
+
+    def call() -> None:
+        run()
+        done.wait()
+        release.wait()
+
+    threads = [threading.Thread(target=call) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    done.wait()
+    count = len(os.listdir("/proc/self/task"))
+    release.set()
+    for thread in threads:
+        thread.join()
+    return count
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="counts threads in /proc")
+def test_model_thread_keeps_one_openmp_team(tiny_model_dir: Path) -> None:
+    """Calls from many threads run on the model's one thread. libgomp gives every thread that runs a
+    parallel op its own team, and with more team threads than cores it sleeps at every barrier; the
+    control (the classifier called directly from each thread) shows the teams it would make."""
+    threads_before = torch.get_num_threads()
+    try:
+        cfg = ModelConfig(name=str(tiny_model_dir))
+        info = resolve_model(cfg, PRE)
+        model = ModelThread(lambda: VideoClassifier(info, cfg), torch_threads=2)
+        clips = random_clips(2)
+        expected = model(clips).logits
+        baseline = len(os.listdir("/proc/self/task"))
+        outputs = []
+        with_model_thread = _threads_while_callers_wait(lambda: outputs.append(model(clips).logits), 3)
+        assert with_model_thread == baseline + 3  # the three callers, no team of their own
+        for logits in outputs:
+            np.testing.assert_array_equal(logits, expected)
+
+        direct = model.classifier
+        baseline = len(os.listdir("/proc/self/task"))
+        assert _threads_while_callers_wait(lambda: direct(clips), 3) > baseline + 3  # control
+        model.close()
+    finally:
+        torch.set_num_threads(threads_before)

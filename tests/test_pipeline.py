@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import duckdb
@@ -14,10 +16,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import small_job_config, table_hashes, videos_by_name
-from videoindex.config import ExecutionConfig, load_config
+from videoindex import plan
+from videoindex.config import DecodeConfig, ExecutionConfig, InputConfig, SamplingConfig, load_config
+from videoindex.extract import ExtractRequest, ExtractSettings, extract_task
 from videoindex.jobfile import JobMismatchError
 from videoindex.memory import DECODE_WORKER_ENV
-from videoindex.runner import EXIT_VIDEOS_FAILED, decode_task_options, run_job
+from videoindex.preprocess import PreprocessSpec
+from videoindex.runner import (
+    EXIT_VIDEOS_FAILED,
+    decode_task_options,
+    run_job,
+    warm_decode_workers,
+    warn_cold_starts,
+)
 from videoindex.sampling import plan_clips
 from videoindex.schema import VIDEOS_SCHEMA, clips_schema
 from videoindex.status import job_status
@@ -99,6 +110,10 @@ def test_schema_metadata_and_three_readers(ray_session, tiny_model_dir, sample_v
     status = job_status(str(output))
     assert status["shards"]["committed"] == status["shards"]["total"] == 1
     assert status["clips"] == arrow.num_rows
+    (stats_file,) = (output / "_ledger" / "committed").glob("*.json")
+    stats = json.loads(stats_file.read_text())
+    assert stats["decode_tasks"] == 2  # one chunk per video (a chunk is up to 16 clips)
+    assert 0 <= stats["decode_cold_starts"] <= stats["decode_tasks"]
 
 
 def test_rerun_is_byte_identical_and_other_settings_refused(
@@ -233,3 +248,66 @@ def test_failing_shard_gets_max_attempts_in_every_run(ray_session, tiny_model_di
     assert run_job(config, resume=True).exit_code == 0
     assert table_hashes(output) == clean
     assert not list(output.rglob(".*.tmp-*"))
+
+
+IDLE_GAP_S = 2.5  # longer than Ray's idle_worker_killing_time_threshold_ms (1 s) plus its 0.2 s check period
+
+
+def _decode_after_idle_gaps(video: plan.VideoTask) -> list[bool]:
+    """Warm one decode worker, then run three decode tasks, each after the workers sat idle IDLE_GAP_S;
+    returns whether each task started a new worker process."""
+    import ray
+
+    settings = ExtractSettings(sampling=SamplingConfig(), decode=DecodeConfig(), preprocess=PreprocessSpec())
+    execution = ExecutionConfig()
+    ray.get(warm_decode_workers(execution, 1))
+    task = ray.remote(extract_task).options(**decode_task_options(execution))
+    starts = []
+    for _ in range(3):
+        time.sleep(IDLE_GAP_S)
+        result = ray.get(task.remote(ExtractRequest(video=video), settings))
+        assert result.error is None and len(result.clips) > 0
+        starts.append(result.cold_start)
+    return starts
+
+
+def _cold_starts_beside_a_model_actor(ray, folder: Path) -> list[bool]:
+    """The decode tasks are submitted, as in a job, by an actor holding the CPUs a model actor takes on a
+    2-CPU node (all but two decode slots): Ray then keeps no idle worker by default."""
+    video = plan.shard_tasks(plan.make_plan(plan.list_inputs(InputConfig(uri=str(folder))), 10))[0]
+    owner = ray.remote(num_cpus=2 - 2 * ExecutionConfig().decode_num_cpus)(_decode_after_idle_gaps)
+    return ray.get(owner.remote(video), timeout=120)
+
+
+def test_decode_workers_outlive_idle_gaps(ray_session, sample_videos):
+    """A decode worker idles while the model works through the chunk it decoded. With the system config
+    videoindex starts a local Ray with (RAY_SYSTEM_CONFIG), the warmed worker runs every task."""
+    assert _cold_starts_beside_a_model_actor(ray_session, sample_videos) == [False, False, False]
+
+
+@pytest.mark.slow  # a Ray of its own (about 40 s); the test above fails the same way without the config
+def test_default_ray_restarts_idle_decode_workers(sample_videos):
+    """The control: a local Ray with Ray's defaults kills the idle decode worker, so a task after an idle
+    gap starts a new worker process (and pays its imports)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False
+    )
+    try:
+        assert _cold_starts_beside_a_model_actor(ray, sample_videos) == [True, True, True]
+    finally:
+        ray.shutdown()  # the next ray_session user starts the shared Ray again
+
+
+def test_cold_start_warning(caplog):
+    """Most tasks on new workers means Ray is killing idle decode workers: the log says what to set."""
+    with caplog.at_level(logging.WARNING, logger="videoindex.runner"):
+        assert not warn_cold_starts(3, tasks=40, cold_starts=2)
+        assert not caplog.records
+        assert warn_cold_starts(3, tasks=40, cold_starts=30)
+    (record,) = caplog.records
+    assert "[shard 00003] 30 of 40" in record.getMessage()
+    assert "RAY_num_workers_soft_limit=1024" in record.getMessage()

@@ -217,15 +217,16 @@ def test_decode_queued_behind_busy_cpus_is_not_a_timeout(
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING", log_to_driver=False
-    )
+    from videoindex.runner import ray_system_config
+
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING", log_to_driver=False,
+             _system_config=ray_system_config())  # fmt: skip
     try:
         hog = (
-            ray.remote(lambda s: time.sleep(s)).options(num_cpus=1).remote(20)
+            ray.remote(lambda s: time.sleep(s)).options(num_cpus=1).remote(24)
         )  # the actor gets 0.5, decode 0.5
         config = small_job_config(sample_videos, tmp_path / "out", tiny_model_dir, **{
-            "decode.timeout_s": 4, "execution.decode_num_cpus": 1, "execution.actors": 1})  # fmt: skip
+            "decode.timeout_s": 8, "execution.decode_num_cpus": 1, "execution.actors": 1})  # fmt: skip
         result = run_job(config)
         assert ray.get(hog) is None
     finally:

@@ -25,6 +25,7 @@ import yaml
 from tests import s3server
 from tests.conftest import REPO, SAMPLES
 from videoindex.config import ConfigError, load_config
+from videoindex.runner import ray_node_env
 from videoindex.submit import (
     CONFIG_ENV,
     WORKING_DIR_EXCLUDES,
@@ -42,9 +43,16 @@ DEMO_CONFIG = REPO / "jobs" / "configs" / "local_demo.yaml"
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports: every socket stays bound until all are picked (a released port may come back)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
@@ -65,11 +73,12 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 9
 def ray_head():
     """A local Ray head with its dashboard on free ports; yields the dashboard address."""
     temp_dir = Path(tempfile.mkdtemp(prefix="vi-ray-", dir="/tmp"))  # short: Ray's socket paths are long
-    dashboard = _free_port()
-    ports = {"--port": _free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": _free_port(),
-             "--dashboard-agent-listen-port": _free_port()}  # fmt: skip
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip  # jobs run this venv's python
+    gcs, dashboard, client, agent = _free_ports(4)
+    ports = {"--port": gcs, "--dashboard-port": dashboard, "--ray-client-server-port": client,
+             "--dashboard-agent-listen-port": agent}  # fmt: skip
+    # The node's environment as cluster/Dockerfile sets it (ray_node_env); jobs run this venv's python.
+    env = {**os.environ, **ray_node_env(), "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--include-dashboard=true",
                "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}",

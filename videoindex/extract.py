@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class ExtractResult:
     recovered: list[DecodeError] = field(default_factory=list)  # non-fatal (e.g. decord -> PyAV fallback)
     size_bytes: int | None = None
     decode_s: float = 0.0
+    cold_start: bool = False  # the first task of a new Ray worker process (set by the runner)
 
 
 def thumbnail_jpeg(frame: np.ndarray) -> bytes:
@@ -202,6 +204,37 @@ def extract(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult
         log.info("decode failed for %s: %s: %s", request.video.uri, result.error.error_type, result.error)
     result.decode_s = time.perf_counter() - started
     return result
+
+
+# A decode worker is a long-lived process (a Ray task worker): these run there, in a module that imports
+# only what decoding needs, so a new worker starts in seconds less than one importing the runner.
+_TASKS_IN_THIS_PROCESS = 0
+WARM_UP_HOLD_S = 1.0  # a warm-up keeps its decode slot this long, so concurrent warm-ups get separate workers
+
+
+def extract_task(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult:
+    """``extract`` as a decode worker runs it: one torch thread (Ray would set the worker's CPUs, rounded
+    down), and ``cold_start`` set when this is the first task of the process (it paid the start-up)."""
+    global _TASKS_IN_THIS_PROCESS
+    import torch
+
+    torch.set_num_threads(1)
+    result = extract(request, settings)
+    result.cold_start = _TASKS_IN_THIS_PROCESS == 0
+    _TASKS_IN_THIS_PROCESS += 1
+    return result
+
+
+def warm_decode_worker() -> int:
+    """Import what a decode needs (decord is imported lazily) so the first chunks find a ready worker;
+    returns the worker's pid. It holds its slot a moment: Ray gives a queued task the worker its owner
+    already leased, so warm-ups that ended at once would all run in the first worker to start."""
+    global _TASKS_IN_THIS_PROCESS
+    import decord  # noqa: F401
+
+    time.sleep(WARM_UP_HOLD_S)
+    _TASKS_IN_THIS_PROCESS += 1
+    return os.getpid()
 
 
 def follow_up_requests(first: ExtractResult, chunk_clips: int) -> list[ExtractRequest]:

@@ -17,7 +17,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -357,3 +358,30 @@ class VideoClassifier:
             topk_ids=ids.to(torch.int32).cpu().numpy(),
             topk_scores=scores.cpu().numpy(),
         )
+
+
+class ModelThread:
+    """Runs a classifier on one dedicated thread, whichever threads call it, one batch at a time.
+
+    libgomp (PyTorch's OpenMP on Linux) gives every thread that runs a parallel op its own team of
+    ``torch_threads``. With more team threads alive than cores (a Ray actor running shards on several
+    threads), it stops spinning at barriers and sleeps at each one: measured on 2 cores, 445 instead of
+    3 sleeps per forward and a 10-15% slower model (benchmarks/README.md). One thread keeps one team.
+    ``build`` runs on that thread too, so the model's first parallel ops make no team elsewhere.
+    """
+
+    def __init__(self, build: Callable[[], VideoClassifier], torch_threads: int) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="videoindex-model")
+        self.classifier = self._executor.submit(self._build, build, torch_threads).result()
+        self.info = self.classifier.info
+
+    @staticmethod
+    def _build(build: Callable[[], VideoClassifier], torch_threads: int) -> VideoClassifier:
+        torch.set_num_threads(torch_threads)
+        return build()
+
+    def __call__(self, clips: np.ndarray | torch.Tensor) -> ClipOutputs:
+        return self._executor.submit(self.classifier, clips).result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)

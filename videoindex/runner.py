@@ -15,8 +15,9 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import ray
@@ -24,11 +25,17 @@ import ray
 from videoindex import __version__, plan, storage
 from videoindex.config import ExecutionConfig, JobConfig
 from videoindex.errors import DecodeError
-from videoindex.extract import ExtractRequest, ExtractResult, ExtractSettings, extract
+from videoindex.extract import (
+    ExtractRequest,
+    ExtractResult,
+    ExtractSettings,
+    extract_task,
+    warm_decode_worker,
+)
 from videoindex.jobfile import JOB_FILE, check_compatible, job_record, read_job, refuse_foreign_tables
 from videoindex.ledger import Ledger
 from videoindex.memory import DECODE_WORKER_ENV, trim_heap
-from videoindex.model import ModelInfo, VideoClassifier, resolve_model
+from videoindex.model import ModelInfo, ModelThread, VideoClassifier, resolve_model
 from videoindex.resume import failed_videos
 from videoindex.schema import shard_name
 from videoindex.shard import index_shard, replace_videos, stats_from_tables
@@ -64,11 +71,17 @@ def decode_task_options(execution: ExecutionConfig) -> dict[str, Any]:
     return {"num_cpus": execution.decode_num_cpus, "max_retries": 2, "runtime_env": env}
 
 
-def _extract_task(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult:
-    import torch
+def warm_decode_workers(execution: ExecutionConfig, count: int) -> list[Any]:
+    """Submit ``count`` warm-up tasks with the decode tasks' options (same worker pool), not awaited."""
+    task = ray.remote(warm_decode_worker).options(**decode_task_options(execution))
+    return [task.remote() for _ in range(count)]
 
-    torch.set_num_threads(1)
-    return extract(request, settings)
+
+def decode_slots(split: ExecutionSplit, execution: ExecutionConfig, cluster_cpus: float) -> int:
+    """Decode tasks that can run at once beside the actors, capped by how many the actors keep in flight."""
+    free = max(0.0, cluster_cpus - split.actors * split.num_cpus)
+    most = split.actors * execution.shards_per_actor * execution.decode_in_flight
+    return min(int(free / execution.decode_num_cpus + 1e-9), most)
 
 
 class _Metrics:
@@ -108,8 +121,9 @@ class _Counters:
             return dict(self.values)
 
 
+# SUBMITTED_TO_WORKER: leased, on its way to a worker; not yet running (judged from when it runs).
 _QUEUED = {"NIL", "PENDING_ARGS_AVAIL", "PENDING_NODE_ASSIGNMENT", "PENDING_OBJ_STORE_MEM_AVAIL",
-           "PENDING_ARGS_FETCH", "GETTING_AND_PINNING_ARGS"}  # fmt: skip
+           "PENDING_ARGS_FETCH", "GETTING_AND_PINNING_ARGS", "SUBMITTED_TO_WORKER"}  # fmt: skip
 QUEUE_WAIT_FACTOR = 10  # a task queued longer than this many timeouts is judged hung all the same
 
 
@@ -137,107 +151,118 @@ def _seconds_left(ref: Any, timeout: float) -> float:
     return 0.0
 
 
-def ray_extract_window(
-    settings: ExtractSettings, config: JobConfig, counters: _Counters, metrics: _Metrics | None = None
-):
+class DecodeWindow:
     """A run_extracts for index_shard: a bounded, ordered window of Ray decode tasks with a timeout.
 
     A task's timeout clock starts when Ray starts running it (Ray's state API tells a task still queued
     behind busy CPUs from a hung one; without the dashboard, from when it reaches the head of the window);
     past it, the worker is killed and the video fails as ``timeout``.
     A worker that dies (crash, os._exit) is retried by Ray for system failures, then recorded as
-    ``decoder_crash``.
+    ``decoder_crash``. ``cold_starts`` counts tasks that were the first in a new worker process.
     """
-    remote = ray.remote(max_calls=config.execution.decode_max_calls)(_extract_task)  # not an .options() key
-    task = remote.options(**decode_task_options(config.execution))
-    timeout = config.decode.timeout_s
 
-    def run(queue: deque) -> Iterator[ExtractResult]:
+    def __init__(
+        self,
+        settings: ExtractSettings,
+        config: JobConfig,
+        counters: _Counters,
+        metrics: _Metrics | None = None,
+    ) -> None:
+        # max_calls is not an .options() key
+        remote = ray.remote(max_calls=config.execution.decode_max_calls)(extract_task)
+        self.task = remote.options(**decode_task_options(config.execution))
+        self.settings, self.config, self.counters, self.metrics = settings, config, counters, metrics
+        self.tasks = 0
+        self.cold_starts = 0
+
+    def __call__(self, queue: deque) -> Iterator[ExtractResult]:
         window: deque = deque()
+        in_flight = self.config.execution.decode_in_flight
         while queue or window:
-            while queue and len(window) < config.execution.decode_in_flight:
+            while queue and len(window) < in_flight:
                 request = queue.popleft()
-                window.append((request, task.remote(request, settings)))
+                window.append((request, self.task.remote(request, self.settings)))
             request, ref = window.popleft()
-            ready, _ = ray.wait([ref], timeout=timeout)
-            deadline = time.monotonic() + QUEUE_WAIT_FACTOR * timeout
-            while not ready and time.monotonic() < deadline and (left := _seconds_left(ref, timeout)) > 0:
-                ready, _ = ray.wait([ref], timeout=min(left, max(0.0, deadline - time.monotonic())))
-            ready = ready or ray.wait([ref], timeout=0)[0]  # it may have finished while we asked its state
-            if not ready:
-                ray.cancel(ref, force=True)
-                error = DecodeError(
-                    "timeout",
-                    "decode",
-                    f"{request.video.uri}: decoding took longer than {timeout:g} s; worker killed",
-                )
-                result = ExtractResult(request=request, error=error)
-            else:
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.OutOfMemoryError as exc:
-                    # Ray's memory monitor killed the worker: the node ran low before decode.max_memory_mb.
-                    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    result = ExtractResult(
-                        request=request,
-                        error=DecodeError(
-                            "out_of_memory",
-                            "decode",
-                            f"{request.video.uri}: decode worker killed by Ray's memory monitor: {text}",
-                        ),
-                    )
-                except ray.exceptions.WorkerCrashedError as exc:
-                    # The process died (segfault, os._exit, OOM kill) even after Ray's retries: the video
-                    # is to blame. An exception raised by extract() itself is a bug or a broken
-                    # environment, not a bad video: it propagates and fails the shard attempt.
-                    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                    result = ExtractResult(
-                        request=request,
-                        error=DecodeError(
-                            "decoder_crash", "decode", f"{request.video.uri}: decode worker died: {text}"
-                        ),
-                    )
-            first = request.chunk == 0
-            counters.add(chunks=1, clips=len(result.clips), videos=int(first),
-                         errors=int(first and result.error is not None))  # fmt: skip
-            if metrics is not None:
-                metrics.queue.set(len(window))
-                metrics.decode.observe(result.decode_s)
-                if result.clips:
-                    metrics.clips.inc(len(result.clips))
-                if first:
-                    metrics.videos.inc(1, tags={"status": "error" if result.error else "ok"})
+            result = self._result(request, ref)
+            self.tasks += 1
+            self.cold_starts += int(result.cold_start)
+            self._count(result, queued=len(window))
             yield result
 
-    return run
+    def _result(self, request: ExtractRequest, ref: Any) -> ExtractResult:
+        timeout = self.config.decode.timeout_s
+        ready, _ = ray.wait([ref], timeout=timeout)
+        deadline = time.monotonic() + QUEUE_WAIT_FACTOR * timeout
+        while not ready and time.monotonic() < deadline and (left := _seconds_left(ref, timeout)) > 0:
+            ready, _ = ray.wait([ref], timeout=min(left, max(0.0, deadline - time.monotonic())))
+        ready = ready or ray.wait([ref], timeout=0)[0]  # it may have finished while we asked its state
+        uri = request.video.uri
+        if not ready:
+            ray.cancel(ref, force=True)
+            message = f"{uri}: decoding took longer than {timeout:g} s; worker killed"
+            return ExtractResult(request=request, error=DecodeError("timeout", "decode", message))
+        try:
+            return ray.get(ref)
+        except ray.exceptions.OutOfMemoryError as exc:
+            # Ray's memory monitor killed the worker: the node ran low before decode.max_memory_mb.
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = f"{uri}: decode worker killed by Ray's memory monitor: {text}"
+            return ExtractResult(request=request, error=DecodeError("out_of_memory", "decode", message))
+        except ray.exceptions.WorkerCrashedError as exc:
+            # The process died (segfault, os._exit, OOM kill) even after Ray's retries: the video is to
+            # blame. An exception raised by extract() itself is a bug or a broken environment, not a bad
+            # video: it propagates and fails the shard attempt.
+            text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            message = f"{uri}: decode worker died: {text}"
+            return ExtractResult(request=request, error=DecodeError("decoder_crash", "decode", message))
+
+    def _count(self, result: ExtractResult, queued: int) -> None:
+        first = result.request.chunk == 0
+        self.counters.add(chunks=1, clips=len(result.clips), videos=int(first),
+                          errors=int(first and result.error is not None))  # fmt: skip
+        if self.metrics is not None:
+            self.metrics.queue.set(queued)
+            self.metrics.decode.observe(result.decode_s)
+            if result.clips:
+                self.metrics.clips.inc(len(result.clips))
+            if first:
+                self.metrics.videos.inc(1, tags={"status": "error" if result.error else "ok"})
 
 
-class _LockedClassifier:
-    """Lets two shard threads of one actor share one model copy, one batch at a time."""
+class _TimedClassifier:
+    """The actor's model on its own thread (``ModelThread``), each batch's latency into the metrics."""
 
-    def __init__(self, classifier: VideoClassifier, metrics: _Metrics | None = None) -> None:
-        self.classifier = classifier
-        self.info = classifier.info
-        self.lock = threading.Lock()
+    def __init__(self, model: ModelThread, metrics: _Metrics | None = None) -> None:
+        self.model = model
+        self.info = model.info
         self.metrics = metrics
 
     def __call__(self, clips: Any) -> Any:
-        with self.lock:
-            started = time.perf_counter()
-            out = self.classifier(clips)
-            if self.metrics is not None:
-                self.metrics.infer.observe(time.perf_counter() - started)
-            return out
+        started = time.perf_counter()
+        out = self.model(clips)
+        if self.metrics is not None:
+            self.metrics.infer.observe(time.perf_counter() - started)
+        return out
+
+
+def warn_cold_starts(shard: int, *, tasks: int, cold_starts: int) -> bool:
+    """Say so (and return True) when most of a shard's decode tasks started a new worker process: Ray is
+    killing idle decode workers, and each start costs seconds of CPU."""
+    if cold_starts <= max(2, tasks // 4):
+        return False
+    log.warning(
+        "[shard %s] %d of %d decode tasks started a new worker process (seconds of CPU each): Ray kills idle "
+        "workers past num_workers_soft_limit; set RAY_num_workers_soft_limit=%d on every node (cluster/README.md)",
+        shard_name(shard), cold_starts, tasks, WORKER_SOFT_LIMIT,
+    )  # fmt: skip
+    return True
 
 
 class ModelActor:
     """Holds one copy of the model; indexes whole shards and commits them."""
 
     def __init__(self, job: ActorJob) -> None:
-        import torch
-
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        torch.set_num_threads(job.split.torch_threads)  # Ray would set it to num_cpus, rounded down
         self.job = job
         info = resolve_model(job.config.model, job.config.preprocess)
         if info.weights_sha256 != job.model.weights_sha256:
@@ -245,7 +270,9 @@ class ModelActor:
                 f"model weights on this node differ from the driver's ({info.weights_sha256} != {job.model.weights_sha256})"
             )
         self.metrics = _Metrics()
-        self.classifier = _LockedClassifier(VideoClassifier(info, job.config.model), self.metrics)
+        # torch_threads set explicitly: Ray would set them to num_cpus, rounded down
+        model = ModelThread(lambda: VideoClassifier(info, job.config.model), job.split.torch_threads)
+        self.classifier = _TimedClassifier(model, self.metrics)
         self.fs, self.root = storage.filesystem(job.output_root, job.config.output.storage_options)
         self.ledger = Ledger(self.fs, self.root)
         self.counters = _Counters()
@@ -270,14 +297,15 @@ class ModelActor:
             previous = read_shard_tables(self.fs, self.root, shard)
             tasks = [t for t in tasks if t.video_id in set(video_ids)]
         log.info("[shard %s] attempt %d: %d videos", shard_name(shard), attempt, len(tasks))
-        run = ray_extract_window(self.job.settings, self.job.config, self.counters, self.metrics)
+        window = DecodeWindow(self.job.settings, self.job.config, self.counters, self.metrics)
         out = index_shard(
             tasks,
             self.job.settings,
             self.classifier,
             batch_size=self.job.split.batch_size,
-            run_extracts=run,
+            run_extracts=window,
         )
+        warn_cold_starts(shard, tasks=window.tasks, cold_starts=window.cold_starts)
         tables = out.tables
         if video_ids is not None:
             tables = replace_videos(previous, out.tables, video_ids)
@@ -287,7 +315,8 @@ class ModelActor:
         written = write_shard_tables(self.fs, self.root, shard, tables, metadata=self.metadata,
                                      clips_row_group_size=self.job.config.output.clips_row_group_size)  # fmt: skip
         stats = {**out.stats, **stats_from_tables(tables), "shard": shard, "attempt": attempt, "started_at": started,
-                 "finished_at": time.time(), "bytes_written": written, **where}  # fmt: skip
+                 "finished_at": time.time(), "bytes_written": written, "decode_tasks": window.tasks,
+                 "decode_cold_starts": window.cold_starts, **where}  # fmt: skip
         self.ledger.commit(shard, stats)
         log.info("[shard %s] committed: %s", shard_name(shard), stats)
         return stats
@@ -315,16 +344,53 @@ def _resolve_plan(config: JobConfig, info: ModelInfo, fs: Any, root: str, *, mus
     return shards
 
 
+# How Ray's worker pool treats decode workers, for the local Ray videoindex starts (cluster nodes: the
+# same settings as environment variables, ray_node_env(), in cluster/Dockerfile).
+# - Ray kills idle workers past num_workers_soft_limit (default: the node's free CPUs) after 1 s idle. A
+#   decode worker idles while the model works through the chunk it decoded, so beside a CPU model actor
+#   nearly every decode task started a fresh worker: ~5 CPU s of start-up and imports against ~2 s of
+#   decoding (benchmarks/README.md). The limit only spares idle workers; it starts none.
+# - With idle workers kept, workers Ray starts ahead of need would stay too: each wakes 100 times a
+#   second and takes CPU from the model's threads, so none are prestarted (warm_decode_workers instead).
+WORKER_SOFT_LIMIT = 1024
+RAY_SYSTEM_CONFIG: Mapping[str, Any] = MappingProxyType({
+    "num_workers_soft_limit": WORKER_SOFT_LIMIT,
+    "enable_worker_prestart": False,
+    "prestart_worker_first_driver": False,
+})  # fmt: skip
+
+
+def ray_system_config() -> dict[str, Any]:
+    """A fresh copy for ``ray.init(_system_config=...)``, which adds its own keys to the dict it gets."""
+    return dict(RAY_SYSTEM_CONFIG)
+
+
+def ray_node_env() -> dict[str, str]:
+    """RAY_SYSTEM_CONFIG as the environment variables a node's raylet reads (set in cluster/Dockerfile)."""
+    return {f"RAY_{k}": str(int(v)) if isinstance(v, bool) else str(v) for k, v in RAY_SYSTEM_CONFIG.items()}
+
+
 def _init_ray(config: JobConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = config.execution.address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
+    options: dict[str, Any] = (
+        {"address": address} if address else {"address": "local", "_system_config": ray_system_config()}
+    )
+    ray.init(**options, ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
+
+
+ACTOR_BACK_WAIT_S = 300.0  # a lost actor gets shards again after this long even if it never answered
+PING_EVERY_S = 0.5
 
 
 class _Dispatcher:
-    """Hands shards to actors from a queue, retries infrastructure failures, records every attempt."""
+    """Hands shards to actors from a queue, retries infrastructure failures, records every attempt.
+
+    A lost actor (killed, its node gone) gets no shard until it answers a ping: Ray fails every call sent
+    while the actor restarts at once, which would spend a shard's attempts in seconds.
+    """
 
     def __init__(self, job: ActorJob, ledger: Ledger) -> None:
         self.job = job
@@ -336,16 +402,43 @@ class _Dispatcher:
             max_concurrency=job.config.execution.shards_per_actor + 1,
         )
         self.actors = [self.actor_cls.remote(job) for _ in range(job.split.actors)]
+        # Decode workers start (and import torch and the decoders) while the actors load their model.
+        slots = decode_slots(job.split, job.config.execution, ray.cluster_resources().get("CPU", 0))
+        self.warm_ups = warm_decode_workers(job.config.execution, slots)
         self.load = [0] * len(self.actors)
         self.inflight: dict[Any, tuple[int, int, int, tuple[str, ...] | None]] = {}
         self.committed: list[dict[str, Any]] = []
         self.failed: dict[int, str] = {}
         self.first_attempt: dict[int, int] = {}
+        self.held: dict[int, tuple[Any, float, float]] = {}  # actor -> (ping or None, held since, next ping)
+
+    def _hold(self, n: int) -> None:
+        if n not in self.held:
+            now = time.monotonic()
+            self.held[n] = (self.actors[n].progress.remote(), now, now)
+
+    def _check_held(self) -> None:
+        now = time.monotonic()
+        for n, (ping, since, next_ping) in list(self.held.items()):
+            if now - since > ACTOR_BACK_WAIT_S:
+                log.warning(
+                    "model actor %d did not come back in %g s; sending it shards again", n, ACTOR_BACK_WAIT_S
+                )
+                del self.held[n]
+            elif ping is None:
+                if now >= next_ping:
+                    self.held[n] = (self.actors[n].progress.remote(), since, now)
+            elif ray.wait([ping], timeout=0)[0]:
+                try:
+                    ray.get(ping)
+                    del self.held[n]  # restarted: its model is loaded
+                except ray.exceptions.RayError:  # still restarting
+                    self.held[n] = (None, since, now + PING_EVERY_S)
 
     def _submit(self, queue: deque) -> None:
         limit = self.job.config.execution.shards_per_actor
         for n in sorted(range(len(self.actors)), key=lambda i: self.load[i]):
-            while queue and self.load[n] < limit:
+            while queue and self.load[n] < limit and n not in self.held:
                 shard, attempt, video_ids = queue.popleft()
                 self.first_attempt.setdefault(shard, attempt)
                 self.inflight[self.actors[n].index.remote(shard, attempt, video_ids)] = (
@@ -364,6 +457,7 @@ class _Dispatcher:
             return
         except ray.exceptions.RayActorError as exc:
             reason = f"actor lost: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self._hold(n)
         except ray.exceptions.RayTaskError as exc:
             reason = f"shard failed: {str(exc).strip().splitlines()[-1]}"
         except ray.exceptions.RayError as exc:  # object lost, node died, ...: infrastructure, so retryable
@@ -398,8 +492,13 @@ class _Dispatcher:
 
     def run(self, queue: deque, on_tick: Any) -> None:
         while queue or self.inflight:
+            self._check_held()
             self._submit(queue)
-            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
+            ready = []
+            if self.inflight:
+                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=PING_EVERY_S)
+            else:
+                time.sleep(PING_EVERY_S)  # every actor is restarting
             for ref in ready:
                 self._settle(ref, queue)
             on_tick(self)
