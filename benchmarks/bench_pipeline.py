@@ -273,8 +273,9 @@ def report(r: dict[str, Any], config: JobConfig) -> None:
     decode_cpu = r.get("decode_one_cpu", nan)  # CPU s per clip, decode
     cpus = "auto" if x.actor_num_cpus is None else f"{x.actor_num_cpus:g}"
     threads = x.torch_threads or ("auto" if x.actor_num_cpus is None else max(1, int(x.actor_num_cpus)))
+    idle = {None: "auto", True: "on", False: "off"}[x.decode_idle_priority]
     split = (f"actor {cpus} CPU, torch_threads {threads}, decode {x.decode_num_cpus:g} CPU "
-             f"x {x.decode_in_flight} in flight, batch {x.batch_size or 'auto'}")  # fmt: skip
+             f"x {x.decode_in_flight} in flight (idle priority {idle}), batch {x.batch_size or 'auto'}")  # fmt: skip
     e2e_cpu = sum(e2e["cpu"].values()) / e2e["clips"]
     rows = [("decode-only, 1 worker", "1 process, 1 thread", r.get("decode_one", nan), decode_cpu),
             (f"decode-only, all workers ({CPUS})", f"{CPUS} Ray tasks", decode_limit, "")]  # fmt: skip

@@ -129,6 +129,7 @@ class MemorySampler:
     """
 
     interval_s: float = 1.0
+    store_every: int = 5  # samples per object store query: each asks every Ray worker for its stats
     samples: list[dict[str, Any]] = field(default_factory=list)
     roles: dict[int, str] = field(default_factory=dict)
     cpu_s: dict[int, float] = field(default_factory=dict)  # user+system seconds per pid, last seen
@@ -148,9 +149,12 @@ class MemorySampler:
 
     def _loop(self) -> None:
         driver = psutil.Process()
+        count = 0
         while not self._stop.is_set():
             info = driver.memory_info()
-            sample: dict[str, Any] = {"t": time.time(), "store": self._store.used(),
+            store = self._store.used() if count % self.store_every == 0 else None
+            count += 1
+            sample: dict[str, Any] = {"t": time.time(), "store": store,
                                       "driver": info.rss - _shmem_bytes(driver.pid),
                                       "driver_rss": info.rss, "actor": 0, "actor_rss": 0, "decode": 0,
                                       "decode_rss": 0}  # fmt: skip

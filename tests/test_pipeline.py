@@ -25,6 +25,7 @@ from videoindex.preprocess import PreprocessSpec
 from videoindex.runner import (
     EXIT_VIDEOS_FAILED,
     decode_task_options,
+    ray_system_config,
     run_job,
     warm_decode_workers,
     warn_cold_starts,
@@ -302,6 +303,104 @@ def test_default_ray_restarts_idle_decode_workers(sample_videos):
         ray.shutdown()  # the next ray_session user starts the shared Ray again
 
 
+def _extract_and_tell_policy(request: ExtractRequest, settings: ExtractSettings) -> tuple[bool, int]:
+    result = extract_task(request, settings)
+    return result.error is None and len(result.clips) > 0, os.sched_getscheduler(0)
+
+
+@pytest.mark.parametrize(("idle", "policy"), [(True, os.SCHED_IDLE), (False, os.SCHED_OTHER)])
+def test_decode_tasks_run_at_the_priority_their_options_ask(ray_session, sample_videos, idle, policy):
+    """A CPU job's decode workers run at idle priority (they never preempt the model's threads); others
+    at normal priority, in workers of their own (the options differ in the runtime_env)."""
+    video = plan.shard_tasks(plan.make_plan(plan.list_inputs(InputConfig(uri=str(sample_videos))), 10))[0]
+    settings = ExtractSettings(sampling=SamplingConfig(), decode=DecodeConfig(), preprocess=PreprocessSpec())
+    options = decode_task_options(ExecutionConfig(), idle_priority=idle)
+    task = ray_session.remote(_extract_and_tell_policy).options(**options)
+    assert ray_session.get(task.remote(ExtractRequest(video=video), settings), timeout=120) == (True, policy)
+
+
+def _ray_worker_pids() -> set[int]:
+    import psutil
+
+    pids = set()
+    for proc in psutil.process_iter():
+        try:
+            if (
+                proc.cmdline()[:1]
+                and proc.cmdline()[0].startswith("ray::")
+                and "Agent" not in proc.cmdline()[0]
+            ):
+                pids.add(proc.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def _queued_decode_tasks(tasks: int) -> list[int]:
+    """Submit ``tasks`` decode-pool tasks at once from an actor, as a shard's decode window does."""
+    import ray
+
+    task = ray.remote(_hold_and_tell_pid).options(**decode_task_options(ExecutionConfig()))
+    return ray.get([task.remote() for _ in range(tasks)])
+
+
+def _hold_and_tell_pid() -> int:
+    time.sleep(0.5)
+    return os.getpid()
+
+
+def _extra_workers_for_queued_tasks(ray) -> int:
+    """Worker processes Ray starts, beyond the ones that run them, for decode tasks queued behind busy
+    CPUs. As in a job: a 1.5-CPU owner (the model actor) on a 2-CPU node leaves two decode slots, both
+    warmed once it holds its CPUs; then it queues four tasks at once."""
+    execution = ExecutionConfig()
+    before = _ray_worker_pids()
+    owner = ray.remote(num_cpus=2 - 2 * execution.decode_num_cpus)(_Owner).remote()
+    owner_pid = ray.get(owner.pid.remote(), timeout=60)
+    warm = set(ray.get(warm_decode_workers(execution, 2)))
+    ran = ray.get(owner.queue_tasks.remote(4), timeout=120)
+    time.sleep(2.0)  # a worker Ray started for the queue registers and idles within about a second
+    extra = _ray_worker_pids() - before - warm - set(ran) - {owner_pid}
+    ray.kill(owner)
+    return len(extra)
+
+
+class _Owner:
+    def pid(self) -> int:
+        return os.getpid()
+
+    def queue_tasks(self, tasks: int) -> list[int]:
+        return _queued_decode_tasks(tasks)
+
+
+def _on_a_fresh_ray(system_config: dict, measure):
+    """A Ray of its own: idle workers other tests left in the shared one change what Ray starts."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False, _system_config=system_config)  # fmt: skip
+    try:
+        return measure(ray)
+    finally:
+        ray.shutdown()  # the next ray_session user starts the shared Ray again
+
+
+def test_queued_decode_tasks_start_no_extra_workers():
+    """Each extra worker would idle all job long, waking 100 times a second beside the model."""
+    assert _on_a_fresh_ray(ray_system_config(), _extra_workers_for_queued_tasks) == 0
+
+
+@pytest.mark.slow  # a Ray of its own (about 20 s)
+def test_raised_soft_limit_starts_extra_workers_for_queued_tasks():
+    """The control: keeping idle workers with a raised num_workers_soft_limit instead (the earlier
+    setting) makes Ray start workers for the queued tasks."""
+    config = {**ray_system_config(), "num_workers_soft_limit": 1024}
+    del config["idle_worker_killing_time_threshold_ms"]
+    assert _on_a_fresh_ray(config, _extra_workers_for_queued_tasks) >= 1
+
+
 def test_cold_start_warning(caplog):
     """Most tasks on new workers means Ray is killing idle decode workers: the log says what to set."""
     with caplog.at_level(logging.WARNING, logger="videoindex.runner"):
@@ -310,4 +409,4 @@ def test_cold_start_warning(caplog):
         assert warn_cold_starts(3, tasks=40, cold_starts=30)
     (record,) = caplog.records
     assert "[shard 00003] 30 of 40" in record.getMessage()
-    assert "RAY_num_workers_soft_limit=1024" in record.getMessage()
+    assert "RAY_idle_worker_killing_time_threshold_ms=600000" in record.getMessage()

@@ -20,7 +20,7 @@ def _split(resources, node_cpus, shards=100, node_gpus=None, **overrides) -> Exe
 
 def test_cpu_laptop_one_actor_keeps_two_decode_slots() -> None:
     assert _split({"CPU": 2}, [2]) == ExecutionSplit(
-        actors=1, num_gpus=0.0, num_cpus=1.5, batch_size=1, torch_threads=2
+        actors=1, num_gpus=0.0, num_cpus=1.5, batch_size=1, torch_threads=2, decode_idle_priority=True
     )
 
 
@@ -36,9 +36,18 @@ def test_more_actors_than_nodes_share_a_node() -> None:
 
 def test_gpu_cluster_one_actor_per_gpu_batch_16() -> None:
     split = _split({"CPU": 32, "GPU": 4}, [16, 16])
-    assert split == ExecutionSplit(actors=4, num_gpus=1.0, num_cpus=1.0, batch_size=16, torch_threads=1)
+    assert split == ExecutionSplit(
+        actors=4, num_gpus=1.0, num_cpus=1.0, batch_size=16, torch_threads=1, decode_idle_priority=False
+    )
     on_cpu = _split({"CPU": 32, "GPU": 4}, [16, 16], **{"model.device": "cpu"})
-    assert (on_cpu.num_gpus, on_cpu.batch_size) == (0.0, 1)
+    assert (on_cpu.num_gpus, on_cpu.batch_size, on_cpu.decode_idle_priority) == (0.0, 1, True)
+
+
+def test_decode_idle_priority_follows_the_model_device_unless_set() -> None:
+    """Idle-priority decoding yields the cores to a CPU model; beside GPUs decoding is the bottleneck."""
+    assert _split({"CPU": 2}, [2], **{"execution.decode_idle_priority": False}).decode_idle_priority is False
+    forced = _split({"CPU": 32, "GPU": 4}, [16, 16], **{"execution.decode_idle_priority": True})
+    assert forced.decode_idle_priority is True
 
 
 def test_never_more_actors_than_shards_and_explicit_settings_win() -> None:

@@ -107,6 +107,10 @@ class ExecutionConfig:
     actor_num_cpus: float | None = None  # None: 1 with a GPU; on CPU the node's CPUs - 2 x decode_num_cpus
     actor_num_gpus: float | None = None  # None: 1 per actor when the cluster has GPUs, else 0
     decode_num_cpus: float = 0.25
+    # Decode workers at idle CPU priority (Linux SCHED_IDLE) run only when a core is otherwise free, so
+    # they never preempt a CPU model's threads (measured: e2e 5-7% faster, benchmarks/README.md).
+    # None: on when the actors run the model on CPU, off with GPUs (there decoding is the bottleneck).
+    decode_idle_priority: bool | None = None
     decode_in_flight: int = 4  # decode tasks queued per shard being processed
     # A decode worker is replaced after this many tasks (0: never): decoders grow memory over thousands
     # of videos (benchmarks/bench_memory.py); a fresh worker costs ~2 s of CPU once per this many tasks.

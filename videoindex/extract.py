@@ -210,6 +210,22 @@ def extract(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult
 # only what decoding needs, so a new worker starts in seconds less than one importing the runner.
 _TASKS_IN_THIS_PROCESS = 0
 WARM_UP_HOLD_S = 1.0  # a warm-up keeps its decode slot this long, so concurrent warm-ups get separate workers
+DECODE_PRIORITY_ENV = "VIDEOINDEX_DECODE_PRIORITY"  # "idle": set in the decode tasks' runtime_env
+
+
+def apply_decode_priority() -> None:
+    """Put this thread (Ray runs a task on the worker's main thread; decoder threads it starts inherit
+    the policy) at idle CPU priority when the task's environment asks for it. Once set it stays: the
+    variable is part of the runtime_env, so only decode tasks asking the same ever run in this worker."""
+    if os.environ.get(DECODE_PRIORITY_ENV) != "idle":
+        return
+    if not hasattr(os, "SCHED_IDLE"):  # not Linux
+        log.warning(
+            "%s=idle: this platform has no SCHED_IDLE; decoding runs at normal priority", DECODE_PRIORITY_ENV
+        )
+        return
+    if os.sched_getscheduler(0) != os.SCHED_IDLE:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def extract_task(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult:
@@ -219,6 +235,7 @@ def extract_task(request: ExtractRequest, settings: ExtractSettings) -> ExtractR
     import torch
 
     torch.set_num_threads(1)
+    apply_decode_priority()
     result = extract(request, settings)
     result.cold_start = _TASKS_IN_THIS_PROCESS == 0
     _TASKS_IN_THIS_PROCESS += 1
@@ -232,6 +249,7 @@ def warm_decode_worker() -> int:
     global _TASKS_IN_THIS_PROCESS
     import decord  # noqa: F401
 
+    apply_decode_priority()
     time.sleep(WARM_UP_HOLD_S)
     _TASKS_IN_THIS_PROCESS += 1
     return os.getpid()

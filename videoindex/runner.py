@@ -26,6 +26,7 @@ from videoindex import __version__, plan, storage
 from videoindex.config import ExecutionConfig, JobConfig
 from videoindex.errors import DecodeError
 from videoindex.extract import (
+    DECODE_PRIORITY_ENV,
     ExtractRequest,
     ExtractResult,
     ExtractSettings,
@@ -65,15 +66,21 @@ class ActorJob:
     split: ExecutionSplit  # actors, their CPUs/GPUs, threads and batch size for this cluster
 
 
-def decode_task_options(execution: ExecutionConfig) -> dict[str, Any]:
-    """Ray options of a decode task: its CPUs, Ray's retries of a dead worker, the worker's allocator."""
-    env = {"env_vars": dict(DECODE_WORKER_ENV)}  # merged by Ray into the job's runtime_env
+def decode_task_options(execution: ExecutionConfig, *, idle_priority: bool = False) -> dict[str, Any]:
+    """Ray options of a decode task: its CPUs, Ray's retries of a dead worker, the worker's allocator and
+    CPU priority (environment variables, so workers differing in either are never shared)."""
+    env_vars = dict(DECODE_WORKER_ENV)
+    if idle_priority:
+        env_vars[DECODE_PRIORITY_ENV] = "idle"
+    env = {"env_vars": env_vars}  # merged by Ray into the job's runtime_env
     return {"num_cpus": execution.decode_num_cpus, "max_retries": 2, "runtime_env": env}
 
 
-def warm_decode_workers(execution: ExecutionConfig, count: int) -> list[Any]:
+def warm_decode_workers(execution: ExecutionConfig, count: int, *, idle_priority: bool = False) -> list[Any]:
     """Submit ``count`` warm-up tasks with the decode tasks' options (same worker pool), not awaited."""
-    task = ray.remote(warm_decode_worker).options(**decode_task_options(execution))
+    task = ray.remote(warm_decode_worker).options(
+        **decode_task_options(execution, idle_priority=idle_priority)
+    )
     return [task.remote() for _ in range(count)]
 
 
@@ -127,8 +134,9 @@ _QUEUED = {"NIL", "PENDING_ARGS_AVAIL", "PENDING_NODE_ASSIGNMENT", "PENDING_OBJ_
 QUEUE_WAIT_FACTOR = 10  # a task queued longer than this many timeouts is judged hung all the same
 
 
-def _seconds_left(ref: Any, timeout: float) -> float:
-    """Seconds a decode task may still run: ``timeout`` minus how long it has really been running.
+def _seconds_left(ref: Any, timeout: float, *, since: float | None = None) -> float:
+    """Seconds a decode task may still run: ``timeout`` minus how long it has really been running (or,
+    when ``since`` is later than its start, running since then).
 
     A task still queued (all decode CPUs busy) gets a full ``timeout`` more. 0 when Ray's state API
     (served by the dashboard) cannot tell: the task is then judged from when it reached the window's head.
@@ -147,7 +155,7 @@ def _seconds_left(ref: Any, timeout: float) -> float:
     if last.state in _QUEUED:
         return timeout
     if last.state.startswith("RUNNING") and last.start_time_ms:
-        return timeout - (time.time() - last.start_time_ms / 1000)
+        return timeout - (time.time() - max(last.start_time_ms / 1000, since or 0.0))
     return 0.0
 
 
@@ -156,7 +164,9 @@ class DecodeWindow:
 
     A task's timeout clock starts when Ray starts running it (Ray's state API tells a task still queued
     behind busy CPUs from a hung one; without the dashboard, from when it reaches the head of the window);
-    past it, the worker is killed and the video fails as ``timeout``.
+    past it, the worker is killed and the video fails as ``timeout``. With ``idle_priority`` the clock
+    starts no earlier than the head of the window: an idle-priority decode may be starved of CPU while the
+    model is busy, and gets it once the actor waits for it.
     A worker that dies (crash, os._exit) is retried by Ray for system failures, then recorded as
     ``decoder_crash``. ``cold_starts`` counts tasks that were the first in a new worker process.
     """
@@ -167,10 +177,13 @@ class DecodeWindow:
         config: JobConfig,
         counters: _Counters,
         metrics: _Metrics | None = None,
+        *,
+        idle_priority: bool = False,
     ) -> None:
         # max_calls is not an .options() key
         remote = ray.remote(max_calls=config.execution.decode_max_calls)(extract_task)
-        self.task = remote.options(**decode_task_options(config.execution))
+        self.task = remote.options(**decode_task_options(config.execution, idle_priority=idle_priority))
+        self.idle_priority = idle_priority
         self.settings, self.config, self.counters, self.metrics = settings, config, counters, metrics
         self.tasks = 0
         self.cold_starts = 0
@@ -191,9 +204,15 @@ class DecodeWindow:
 
     def _result(self, request: ExtractRequest, ref: Any) -> ExtractResult:
         timeout = self.config.decode.timeout_s
+        at_head = time.time()
         ready, _ = ray.wait([ref], timeout=timeout)
         deadline = time.monotonic() + QUEUE_WAIT_FACTOR * timeout
-        while not ready and time.monotonic() < deadline and (left := _seconds_left(ref, timeout)) > 0:
+        since = at_head if self.idle_priority else None
+        while (
+            not ready
+            and time.monotonic() < deadline
+            and (left := _seconds_left(ref, timeout, since=since)) > 0
+        ):
             ready, _ = ray.wait([ref], timeout=min(left, max(0.0, deadline - time.monotonic())))
         ready = ready or ray.wait([ref], timeout=0)[0]  # it may have finished while we asked its state
         uri = request.video.uri
@@ -252,8 +271,9 @@ def warn_cold_starts(shard: int, *, tasks: int, cold_starts: int) -> bool:
         return False
     log.warning(
         "[shard %s] %d of %d decode tasks started a new worker process (seconds of CPU each): Ray kills idle "
-        "workers past num_workers_soft_limit; set RAY_num_workers_soft_limit=%d on every node (cluster/README.md)",
-        shard_name(shard), cold_starts, tasks, WORKER_SOFT_LIMIT,
+        "workers after 1 s idle by default; set RAY_idle_worker_killing_time_threshold_ms=%d on every node "
+        "(cluster/README.md)",
+        shard_name(shard), cold_starts, tasks, IDLE_WORKER_KEEP_S * 1000,
     )  # fmt: skip
     return True
 
@@ -297,7 +317,8 @@ class ModelActor:
             previous = read_shard_tables(self.fs, self.root, shard)
             tasks = [t for t in tasks if t.video_id in set(video_ids)]
         log.info("[shard %s] attempt %d: %d videos", shard_name(shard), attempt, len(tasks))
-        window = DecodeWindow(self.job.settings, self.job.config, self.counters, self.metrics)
+        window = DecodeWindow(self.job.settings, self.job.config, self.counters, self.metrics,
+                              idle_priority=self.job.split.decode_idle_priority)  # fmt: skip
         out = index_shard(
             tasks,
             self.job.settings,
@@ -346,15 +367,17 @@ def _resolve_plan(config: JobConfig, info: ModelInfo, fs: Any, root: str, *, mus
 
 # How Ray's worker pool treats decode workers, for the local Ray videoindex starts (cluster nodes: the
 # same settings as environment variables, ray_node_env(), in cluster/Dockerfile).
-# - Ray kills idle workers past num_workers_soft_limit (default: the node's free CPUs) after 1 s idle. A
-#   decode worker idles while the model works through the chunk it decoded, so beside a CPU model actor
-#   nearly every decode task started a fresh worker: ~5 CPU s of start-up and imports against ~2 s of
-#   decoding (benchmarks/README.md). The limit only spares idle workers; it starts none.
-# - With idle workers kept, workers Ray starts ahead of need would stay too: each wakes 100 times a
-#   second and takes CPU from the model's threads, so none are prestarted (warm_decode_workers instead).
-WORKER_SOFT_LIMIT = 1024
+# - Ray kills idle workers past num_workers_soft_limit (default: the node's CPUs) once idle for
+#   idle_worker_killing_time_threshold_ms (1 s). A decode worker idles while the model works through the
+#   chunk it decoded, so beside a CPU model actor nearly every decode task started a fresh worker: ~5 CPU s
+#   of start-up and imports against ~2 s of decoding (benchmarks/README.md). Idle workers are kept for
+#   IDLE_WORKER_KEEP_S instead. (Raising the soft limit also keeps them, but Ray then reads it as room for
+#   workers it starts for queued tasks: two idle extra workers per burst, measured.)
+# - Workers Ray starts ahead of need would idle all job long: each wakes 100 times a second and takes CPU
+#   from the model's threads, so none are prestarted (warm_decode_workers instead).
+IDLE_WORKER_KEEP_S = 600
 RAY_SYSTEM_CONFIG: Mapping[str, Any] = MappingProxyType({
-    "num_workers_soft_limit": WORKER_SOFT_LIMIT,
+    "idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_S * 1000,
     "enable_worker_prestart": False,
     "prestart_worker_first_driver": False,
 })  # fmt: skip
@@ -404,7 +427,9 @@ class _Dispatcher:
         self.actors = [self.actor_cls.remote(job) for _ in range(job.split.actors)]
         # Decode workers start (and import torch and the decoders) while the actors load their model.
         slots = decode_slots(job.split, job.config.execution, ray.cluster_resources().get("CPU", 0))
-        self.warm_ups = warm_decode_workers(job.config.execution, slots)
+        self.warm_ups = warm_decode_workers(
+            job.config.execution, slots, idle_priority=job.split.decode_idle_priority
+        )
         self.load = [0] * len(self.actors)
         self.inflight: dict[Any, tuple[int, int, int, tuple[str, ...] | None]] = {}
         self.committed: list[dict[str, Any]] = []

@@ -23,6 +23,7 @@ class ExecutionSplit:
     num_cpus: float  # per actor
     batch_size: int
     torch_threads: int  # of each actor: execution.torch_threads, else its CPUs rounded up
+    decode_idle_priority: bool = False  # decode workers yield every core to the model (CPU models)
 
 
 def execution_split(
@@ -66,9 +67,9 @@ def execution_split(
     _check_fits_a_node(nodes, num_cpus=num_cpus, num_gpus=num_gpus, decode_cpus=x.decode_num_cpus)
     batch = x.batch_size or (CUDA_BATCH if num_gpus else CPU_BATCH)
     threads = x.torch_threads or max(1, math.ceil(num_cpus))
-    return ExecutionSplit(
-        actors=actors, num_gpus=num_gpus, num_cpus=num_cpus, batch_size=batch, torch_threads=threads
-    )
+    idle = x.decode_idle_priority if x.decode_idle_priority is not None else not num_gpus
+    return ExecutionSplit(actors=actors, num_gpus=num_gpus, num_cpus=num_cpus, batch_size=batch,
+                          torch_threads=threads, decode_idle_priority=idle)  # fmt: skip
 
 
 def _check_fits_a_node(nodes: Sequence[Mapping[str, float]], *, num_cpus: float, num_gpus: float,
