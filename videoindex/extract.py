@@ -224,8 +224,13 @@ def apply_decode_priority() -> None:
             "%s=idle: this platform has no SCHED_IDLE; decoding runs at normal priority", DECODE_PRIORITY_ENV
         )
         return
-    if os.sched_getscheduler(0) != os.SCHED_IDLE:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    try:
+        if os.sched_getscheduler(0) != os.SCHED_IDLE:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as exc:  # a sandbox that forbids it: decoding still works, only slower beside the model
+        log.warning(
+            "%s=idle: cannot set SCHED_IDLE (%s); decoding runs at normal priority", DECODE_PRIORITY_ENV, exc
+        )
 
 
 def extract_task(request: ExtractRequest, settings: ExtractSettings) -> ExtractResult:
