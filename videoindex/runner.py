@@ -76,12 +76,6 @@ def decode_task_options(execution: ExecutionConfig, *, idle_priority: bool = Fal
     return {"num_cpus": execution.decode_num_cpus, "max_retries": 2, "runtime_env": env}
 
 
-def decode_task(execution: ExecutionConfig, *, idle_priority: bool = False) -> Any:
-    """The Ray remote function of decode tasks; built once per actor (each new one is exported again)."""
-    remote = ray.remote(max_calls=execution.decode_max_calls)(extract_task)  # not an .options() key
-    return remote.options(**decode_task_options(execution, idle_priority=idle_priority))
-
-
 def warm_decode_workers(execution: ExecutionConfig, count: int, *, idle_priority: bool = False) -> list[Any]:
     """Submit ``count`` warm-up tasks with the decode tasks' options (same worker pool), not awaited."""
     task = ray.remote(warm_decode_worker).options(
@@ -179,7 +173,6 @@ class DecodeWindow:
 
     def __init__(
         self,
-        task: Any,
         settings: ExtractSettings,
         config: JobConfig,
         counters: _Counters,
@@ -187,7 +180,9 @@ class DecodeWindow:
         *,
         idle_priority: bool = False,
     ) -> None:
-        self.task = task  # decode_task(config.execution, idle_priority=idle_priority)
+        # max_calls is not an .options() key
+        remote = ray.remote(max_calls=config.execution.decode_max_calls)(extract_task)
+        self.task = remote.options(**decode_task_options(config.execution, idle_priority=idle_priority))
         self.idle_priority = idle_priority
         self.settings, self.config, self.counters, self.metrics = settings, config, counters, metrics
         self.tasks = 0
@@ -298,7 +293,6 @@ class ModelActor:
         # torch_threads set explicitly: Ray would set them to num_cpus, rounded down
         model = ModelThread(lambda: VideoClassifier(info, job.config.model), job.split.torch_threads)
         self.classifier = _TimedClassifier(model, self.metrics)
-        self.decode_task = decode_task(job.config.execution, idle_priority=job.split.decode_idle_priority)
         self.fs, self.root = storage.filesystem(job.output_root, job.config.output.storage_options)
         self.ledger = Ledger(self.fs, self.root)
         self.counters = _Counters()
@@ -323,7 +317,7 @@ class ModelActor:
             previous = read_shard_tables(self.fs, self.root, shard)
             tasks = [t for t in tasks if t.video_id in set(video_ids)]
         log.info("[shard %s] attempt %d: %d videos", shard_name(shard), attempt, len(tasks))
-        window = DecodeWindow(self.decode_task, self.job.settings, self.job.config, self.counters, self.metrics,
+        window = DecodeWindow(self.job.settings, self.job.config, self.counters, self.metrics,
                               idle_priority=self.job.split.decode_idle_priority)  # fmt: skip
         out = index_shard(
             tasks,
