@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random VideoMAE checkpoint, sample videos, one local Ray for the session."""
+"""Shared fixtures: a tiny random VideoMAE checkpoint, sample videos, one owned local Ray for the session."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ pytest_plugins = ["tests.s3server"]
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "videoindex" / "samples"
-SHARED_VIDEOS = REPO.parent / "shared" / "videos"
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
@@ -26,21 +25,61 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_videomae(tmp_path_factory.mktemp("tiny-videomae"))
 
 
-@pytest.fixture()
-def ray_session():
-    """One local Ray shared by the tests that need it (starting Ray costs seconds), set up as
-    ``videoindex run`` starts a local Ray.
+class _RayOwner:
+    """The test session's local Ray: started on first use, as ``videoindex run`` starts one, stopped when
+    the session ends. A test that needs a Ray of its own (another system config, a dashboard, a multi-node
+    cluster) takes ``own_ray``: the shared one stops for it and the next ``ray_session`` user restarts it."""
 
-    Fault tests shut it down to start a multi-node cluster; the next user starts it again.
-    """
+    def __init__(self) -> None:
+        self.shared = False
+
+    def shared_ray(self):
+        import ray
+
+        from videoindex.executors.ray_executor import ray_system_config
+
+        if not (self.shared and ray.is_initialized()):
+            self.stop()
+            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                     log_to_driver=False, _system_config=ray_system_config())  # fmt: skip
+            self.shared = True
+        return ray
+
+    def stop(self) -> None:
+        import sys
+
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+        self.shared = False
+
+
+@pytest.fixture(scope="session")
+def _ray_owner():
+    owner = _RayOwner()
+    yield owner
+    owner.stop()
+
+
+@pytest.fixture()
+def ray_session(_ray_owner: _RayOwner):
+    """The shared local Ray (2 CPUs, the system config videoindex gives a local Ray)."""
+    return _ray_owner.shared_ray()
+
+
+@pytest.fixture()
+def own_ray(_ray_owner: _RayOwner):
+    """A Ray of this test's own: call ``own_ray(**ray_init_options)``; it is shut down after the test."""
     import ray
 
-    from videoindex.runner import ray_system_config
+    def start(**options):
+        _ray_owner.stop()
+        ray.init(**{"logging_level": "WARNING", "log_to_driver": False, **options})
+        return ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=False, _system_config=ray_system_config())  # fmt: skip
-    return ray
+    _ray_owner.stop()
+    yield start
+    _ray_owner.stop()
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from videoindex.decode import open_video
+from videoindex.stages.video import open_video
 
 
 def open_faulty(path: str, *, decoder: str, fs: Any, fallback_to_pyav: bool) -> Any:

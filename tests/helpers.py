@@ -12,7 +12,8 @@ from videoindex.config import JobConfig, load_config
 def small_job_config(
     input_uri: str | Path, output: str | Path, model_dir: str | Path, **overrides: Any
 ) -> JobConfig:
-    """A job on the tiny model that fits the 2-CPU test Ray (two actors plus a decode task)."""
+    """A job on the tiny model: the local executor unless ``execution.executor`` says ray (its numbers fit
+    the 2-CPU test Ray: two actors plus a decode task)."""
     return load_config(
         None,
         {
@@ -24,6 +25,7 @@ def small_job_config(
             "execution.actor_num_cpus": 0.5,
             "execution.decode_num_cpus": 0.5,
             "execution.progress": False,
+            "execution.executor": "local",
             **overrides,
         },
     )

@@ -120,7 +120,8 @@ class FlakyProxy:
     """An HTTP proxy in front of an endpoint that fails the next ``fail`` requests, then forwards.
 
     ``mode`` "503" answers S3's SlowDown error; "reset" closes the connection without an answer.
-    ``requests`` counts every request seen, failed or forwarded.
+    ``requests`` counts every request seen, failed or forwarded; ``log`` holds (method, path, body bytes
+    sent back) of every forwarded request, so a test can count GETs and bytes read per object.
     """
 
     def __init__(self, target_url: str) -> None:
@@ -128,6 +129,7 @@ class FlakyProxy:
         self.fail = 0
         self.mode = "503"
         self.requests = 0
+        self.log: list[tuple[str, str, int]] = []
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
@@ -149,6 +151,12 @@ class FlakyProxy:
                 self.fail -= 1
                 return True
             return False
+
+    def reads_of(self, key: str) -> tuple[int, int]:
+        """(GET requests, bytes returned) for paths that end with ``key`` (an object's key)."""
+        with self.lock:
+            gets = [n for method, path, n in self.log if method == "GET" and path.split("?")[0].endswith(key)]
+        return len(gets), sum(gets)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
@@ -192,6 +200,8 @@ class FlakyProxy:
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
+                with proxy.lock:
+                    proxy.log.append((self.command, self.path, 0 if self.command == "HEAD" else len(data)))
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 

@@ -19,9 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from videoindex import schema, storage
-from videoindex.ledger import Ledger
-from videoindex.write import parquet_bytes
+from videoindex import storage
+from videoindex.format import layout, schemas
+from videoindex.format.ledger import Ledger
+from videoindex.format.tables import parquet_bytes
 
 MODEL_TAG = "synthetic-videomae@seeded"
 TOP_K = 5
@@ -123,14 +124,14 @@ def _video_rows(videos: list[dict[str, Any]], cpv: int, probs: np.ndarray, names
     ok_index = 0
     for v in videos:
         row = {
-            **{f.name: None for f in schema.VIDEOS_SCHEMA},
+            **{f.name: None for f in schemas.VIDEOS_SCHEMA},
             "video_id": v["video_id"],
             "uri": v["uri"],
             "model": MODEL_TAG,
             "status": v["status"],
             "num_clips": 0,
         }
-        if v["status"] == schema.STATUS_OK:
+        if v["status"] == schemas.STATUS_OK:
             mean = probs[ok_index * cpv : (ok_index + 1) * cpv].mean(axis=0)
             ok_index += 1
             label_id = int(np.argmax(mean))
@@ -169,7 +170,7 @@ def _plan_videos(videos: int, shards: int, error_videos: int, clips_per_video: i
     out = []
     for i in range(videos):
         uri = f"file:///data/videos/v{i:07d}.mp4"
-        status = schema.STATUS_ERROR if i in failing else schema.STATUS_OK
+        status = schemas.STATUS_ERROR if i in failing else schemas.STATUS_OK
         out.append(
             {
                 "uri": uri,
@@ -186,7 +187,7 @@ def _plan_videos(videos: int, shards: int, error_videos: int, clips_per_video: i
 def _shard_tables(
     vids: list[dict], cpv: int, names: dict[int, str], rng: np.random.Generator, embed_dim: int
 ) -> dict[str, pa.Table]:
-    ok = [v for v in vids if v["status"] == schema.STATUS_OK]
+    ok = [v for v in vids if v["status"] == schemas.STATUS_OK]
     clip_cols, probs = _clip_rows(ok, cpv, names, rng, embed_dim)
     errors = [
         {
@@ -199,12 +200,12 @@ def _shard_tables(
             "fatal": True,
         }
         for v in vids
-        if v["status"] != schema.STATUS_OK
+        if v["status"] != schemas.STATUS_OK
     ]
     return {
-        "clips": pa.table(clip_cols, schema=schema.clips_schema(len(names), embed_dim)),
-        "videos": pa.Table.from_pylist(_video_rows(vids, cpv, probs, names), schema=schema.VIDEOS_SCHEMA),
-        "errors": pa.Table.from_pylist(errors, schema=schema.ERRORS_SCHEMA),
+        "clips": pa.table(clip_cols, schema=schemas.clips_schema(len(names), embed_dim)),
+        "videos": pa.Table.from_pylist(_video_rows(vids, cpv, probs, names), schema=schemas.VIDEOS_SCHEMA),
+        "errors": pa.Table.from_pylist(errors, schema=schemas.ERRORS_SCHEMA),
     }
 
 
@@ -240,7 +241,7 @@ def _job_record(
     }
     return {
         "videoindex_version": "synthetic",
-        "schema_version": schema.SCHEMA_VERSION,
+        "schema_version": layout.SCHEMA_VERSION,
         "config": config,
         "model": model,
         "plan": {"videos": videos, "shards": shards, "shard_size": per_shard},
@@ -272,7 +273,7 @@ def write_synthetic_index(
     per_shard = -(-videos // shards)
     rng = np.random.default_rng(seed)
     committed = [s for s in range(shards) if s not in uncommitted_shards]
-    ok_shards = sorted({v["shard"] for v in plan if v["status"] == schema.STATUS_OK} & set(committed))
+    ok_shards = sorted({v["shard"] for v in plan if v["status"] == schemas.STATUS_OK} & set(committed))
     metadata = {
         b"videoindex.model": MODEL_TAG.encode(),
         b"videoindex.label_map": json.dumps({str(k): v for k, v in names.items()}).encode(),
@@ -293,7 +294,7 @@ def write_synthetic_index(
             )
         for name, table in tables.items():
             size = 8192 if name == "clips" else 65536
-            _write(fs, storage.join(root, schema.table_file(name, s)), table, metadata, size)
+            _write(fs, storage.join(root, layout.table_file(name, s)), table, metadata, size)
         if s in committed:
             clips += tables["clips"].num_rows
             n, ok = tables["videos"].num_rows, pc.sum(pc.equal(tables["videos"]["status"], "ok")).as_py() or 0
@@ -306,13 +307,13 @@ def write_synthetic_index(
         "committed_shards": committed,
         "uncommitted_shards": sorted(uncommitted_shards),
         "videos": len(visible),
-        "videos_ok": sum(v["status"] == schema.STATUS_OK for v in visible),
-        "videos_error": sum(v["status"] != schema.STATUS_OK for v in visible),
+        "videos_ok": sum(v["status"] == schemas.STATUS_OK for v in visible),
+        "videos_error": sum(v["status"] != schemas.STATUS_OK for v in visible),
         "clips": clips,
         "id2label": names,
         "video_ids": [v["video_id"] for v in visible],
         "uris": [v["uri"] for v in visible],
-        "error_video_ids": [v["video_id"] for v in visible if v["status"] != schema.STATUS_OK],
+        "error_video_ids": [v["video_id"] for v in visible if v["status"] != schemas.STATUS_OK],
         "hidden_video_ids": [v["video_id"] for v in plan if v["shard"] not in committed],
         "duplicate": tuple(duplicate),  # ((video_id, clip_index), (video_id, clip_index))
         "model_tag": MODEL_TAG,

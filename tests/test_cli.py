@@ -15,6 +15,7 @@ def _job_yaml(tmp_path):
     return str(path)
 
 
+@pytest.mark.ray
 def test_run_then_status(ray_session, tiny_model_dir, sample_videos, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["run", str(sample_videos), str(out), "--model", str(tiny_model_dir), "--config", _job_yaml(tmp_path),
@@ -30,10 +31,10 @@ def test_run_then_status(ray_session, tiny_model_dir, sample_videos, tmp_path, c
     assert "2/2 committed" in capsys.readouterr().out
 
 
-def test_some_videos_failed_exit_code(ray_session, tiny_model_dir, sample_videos, tmp_path, capsys):
+def test_some_videos_failed_exit_code(tiny_model_dir, sample_videos, tmp_path, capsys):
     (sample_videos / "broken.mp4").write_bytes(b"\x00" * 100)
     code = main(["run", str(sample_videos), str(tmp_path / "out"), "--model", str(tiny_model_dir),
-                 "--config", _job_yaml(tmp_path), "--no-progress"])  # fmt: skip
+                 "--config", _job_yaml(tmp_path), "--executor", "local", "--no-progress"])  # fmt: skip
     assert code == 1
     assert "videos_error      1" in capsys.readouterr().out
 
@@ -66,3 +67,39 @@ def test_help_has_examples(capsys):
     for flag in ("--model", "--random-weights", "--sampling", "--clip-stride", "--max-clips-per-video", "--shard-size",
                  "--actors", "--batch-size", "--decoder", "--config", "examples:"):  # fmt: skip
         assert flag in text
+
+
+def test_demo_says_loudly_it_uses_random_weights_and_records_it(tmp_path, capsys):
+    """Offline (no model hub), the demo cannot load the trained weights: a banner says so, and _job.json and
+    every row record the random weights."""
+    import pyarrow.dataset as ds
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out), "--executor", "local", "--max-clips-per-video", "1"]) == 0
+    printed = capsys.readouterr()
+    assert "!! The demo runs with RANDOM WEIGHTS of the real architecture" in printed.err
+    assert "RANDOM WEIGHTS: labels and scores are meaningless" in printed.out
+    job = json.loads((out / "_job.json").read_text())
+    assert job["model"]["random_weights"] is True and "RANDOM WEIGHTS" in job["model"]["warning"]
+    for table in ("clips", "videos"):
+        models = set(
+            ds.dataset(out / table, partitioning="hive").to_table(columns=["model"])["model"].to_pylist()
+        )
+        assert models == {"MCG-NJU/videomae-small-finetuned-ssv2 [RANDOM WEIGHTS seed=0]"}, table
+
+
+def test_rerun_flag_reindexes_committed_shards_into_the_same_bytes(
+    tiny_model_dir, sample_videos, tmp_path, capsys
+):
+    from tests.helpers import table_hashes
+
+    out = tmp_path / "out"
+    argv = ["run", str(sample_videos), str(out), "--model", str(tiny_model_dir), "--executor", "local",
+            "--shard-size", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    first, markers = table_hashes(out), sorted((out / "_ledger").rglob("*started*"))
+    assert main(argv) == 0  # the same job again: committed shards are skipped
+    assert sorted((out / "_ledger").rglob("*started*")) == markers
+    assert main([*argv, "--rerun"]) == 0  # every shard again, its files overwritten with the same bytes
+    assert len(sorted((out / "_ledger").rglob("*started*"))) == 2 * len(markers)
+    assert table_hashes(out) == first

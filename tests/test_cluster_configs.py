@@ -292,12 +292,12 @@ def test_readme_and_dockerfile_document_the_same_image():
     assert _dockerfile("FROM") == "${RAY_IMAGE}" and "rayproject/ray:" in _dockerfile("ARG RAY_IMAGE")
     for name in ("ray-cluster.yaml", *KUBERAY):
         assert f"cluster/{name}" in readme
-    assert "cores_per_gpu = model_clips_per_s_per_gpu / decode_clips_per_s_per_core" in readme
+    assert "cores_per_gpu = model_clips_per_s_per_gpu x decode_cpu_s_per_clip" in readme
 
 
 def test_dockerfile_sets_the_worker_pool_settings_of_a_local_run():
     """Every node runs the image, so its raylet gets the settings videoindex gives a local Ray."""
-    from videoindex.runner import ray_node_env
+    from videoindex.executors.ray_executor import ray_node_env
 
     text = (CLUSTER / "Dockerfile").read_text().replace("\\\n", " ")
     env = dict(re.findall(r"(RAY_\w+)=(\S+)", " ".join(re.findall(r"^ENV (.+)$", text, re.MULTILINE))))
@@ -329,6 +329,6 @@ def test_gpu_config_uses_gpu_actors_and_resume_config_continues_it():
         job.execution.actors is None and job.execution.actor_num_gpus == 1 and job.model.dtype == "bfloat16"
     )
     resume = load_config(str(CONFIGS / "resume_failed.yaml"))
-    # The runner refuses to continue an output with other output-affecting settings.
+    # The job refuses to continue an output with other output-affecting settings.
     assert output_affecting(to_dict(resume)) == output_affecting(to_dict(job))
     assert resume.output.uri == job.output.uri

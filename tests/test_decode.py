@@ -1,4 +1,4 @@
-"""Decoders: exact frames, timestamps, rotation, agreement between decord and PyAV, error types."""
+"""Decoders: exact frames, timestamps, rotation, skipping, agreement between PyAV and decord, error types."""
 
 from __future__ import annotations
 
@@ -8,18 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import SAMPLES, SHARED_VIDEOS
+from tests.conftest import SAMPLES
 from tests.videogen import decode_index, index_frame, make_bad_inputs, write_index_video
-from videoindex.decode import (
-    ERROR_TYPE_DOC,
-    ERROR_TYPES,
-    DecodeError,
-    PyAVReader,
-    classify_error,
-    open_video,
-)
+from videoindex.format.errortypes import ERROR_TYPE_DOC, ERROR_TYPES
+from videoindex.stages.errors import DecodeError, classify_error
+from videoindex.stages.pyav_reader import PyAVReader
+from videoindex.stages.video import open_video, read_frames
 
-DECODERS = ("decord", "pyav")
+DECODERS = ("pyav", "decord")
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +24,15 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_index_video(root / "index60.mp4", frames=60, fps=30)
     write_index_video(root / "long600.mp4", frames=600, fps=25, size=(48, 32 + 16))
     write_index_video(root / "index_mpeg4.avi", frames=40, fps=24, codec="mpeg4")
+    # x264's defaults: B frames, some of them references (b-pyramid); GOPs of 30
+    write_index_video(root / "bframes.mp4", frames=240, fps=30, gop=30, preset="medium")
+    write_index_video(root / "open_gop.mp4", frames=240, fps=30, gop=30, preset="medium",
+                      x264_params="open-gop=1:keyint=30:min-keyint=30:scenecut=0")  # fmt: skip
+    write_index_video(root / "raw.h264", frames=50, fps=30, gop=30, preset="medium", container_format="h264")
     for rotation in (90, 180, 270):
         write_index_video(root / f"rot{rotation}.mp4", frames=5, size=(64, 48), rotation=rotation)
+    # QuickTime with a display matrix, portrait phone video shape
+    write_index_video(root / "portrait.mov", frames=3, size=(320, 568), rotation=90, container_format="mov")
     return root
 
 
@@ -48,12 +51,13 @@ def test_index_code_round_trip() -> None:
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
-@pytest.mark.parametrize("name", ["index60.mp4", "index_mpeg4.avi"])
+@pytest.mark.parametrize("name", ["index60.mp4", "index_mpeg4.avi", "bframes.mp4"])
 def test_exact_frames_in_requested_order(videos: Path, decoder: str, name: str) -> None:
-    indices = [5, 3, 3, 59 if name.endswith("mp4") else 39, 0, 17, 5]
+    last = {"index60.mp4": 59, "index_mpeg4.avi": 39, "bframes.mp4": 239}[name]
+    indices = [5, 3, 3, last, 0, 17, 5]
     with open_video(str(videos / name), decoder=decoder, fallback_to_pyav=False) as reader:
         meta = reader.meta
-        frames, times = reader.read(indices)
+        frames, times = read_frames(reader, indices)
     assert meta.decoder == decoder and (meta.width, meta.height) == (64, 48)
     assert frames.dtype == np.uint8 and frames.shape == (len(indices), 48, 64, 3)
     assert times.dtype == np.float64
@@ -66,24 +70,64 @@ def test_far_indices_in_long_video(videos: Path, decoder: str) -> None:
     indices = [599, 580, 300, 301, 300, 555, 252]
     with open_video(str(videos / "long600.mp4"), decoder=decoder) as reader:
         assert reader.meta.frames == 600 and reader.meta.fps == 25.0
-        frames, times = reader.read(indices)
+        frames, times = read_frames(reader, indices)
     assert [decode_index(f) for f in frames] == indices
     np.testing.assert_allclose(times, np.array(indices) / 25.0, atol=1e-3)
 
 
-def test_pyav_seeks_with_packet_index(videos: Path) -> None:
+def test_pyav_decodes_only_the_gops_it_needs(videos: Path) -> None:
+    """Sparse frames of a 600-frame video (GOPs of 10): whole GOPs without a wanted frame are skipped."""
+    wanted = [252, 300, 301, 555, 580, 599]
     with open_video(str(videos / "long600.mp4"), decoder="pyav") as reader:
-        assert isinstance(reader, PyAVReader)
-        got = reader._decode([555, 580], seek=True)  # {} would mean it fell back to decoding from 0
-    assert {555, 580} <= set(got)
-    assert decode_index(got[580][0]) == 580
+        got = [(i, decode_index(f)) for i, f, _ in reader.frames(wanted, None)]
+        decoded = reader.frames_decoded
+    assert got == [(i, i) for i in wanted]
+    assert decoded <= 6 * 10, decoded  # at most the six GOPs holding a wanted frame, not 600 frames
+
+
+@pytest.mark.parametrize("name", ["bframes.mp4", "open_gop.mp4"])
+def test_pyav_skips_unreferenced_frames_between_sampled_ones(videos: Path, name: str) -> None:
+    """Every 4th frame (sliding sampling): non-reference B frames that no clip needs are not decoded, and
+    every kept frame is exactly the one asked for, across GOP boundaries (open GOPs: frames shown before
+    their keyframe)."""
+    wanted = list(range(0, 240, 4))
+    with open_video(str(videos / name), decoder="pyav") as reader:
+        got = [(i, decode_index(f)) for i, f, _ in reader.frames(wanted, None)]
+        decoded = reader.frames_decoded
+    assert got == [(i, i) for i in wanted]
+    assert len(wanted) <= decoded < 200, decoded  # some of the 180 unneeded frames were never decoded
+
+
+def test_pyav_sparse_frames_after_a_skipped_open_gop(videos: Path) -> None:
+    """Frames shown just before a keyframe of an open GOP need the GOP before it as references."""
+    wanted = [58, 59, 60, 148, 149, 150]
+    with open_video(str(videos / "open_gop.mp4"), decoder="pyav") as reader:
+        assert [(i, decode_index(f)) for i, f, _ in reader.frames(wanted, None)] == [(i, i) for i in wanted]
+
+
+def test_pyav_without_timestamps_decodes_every_frame(videos: Path) -> None:
+    """A raw H.264 stream has no pts: the forward pass falls back to numbering frames as they come out."""
+    with open_video(str(videos / "raw.h264"), decoder="pyav") as reader:
+        frames, _ = read_frames(reader, [49, 3, 20])
+        assert reader.meta.frames == 50
+    assert [decode_index(f) for f in frames] == [49, 3, 20]
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
-def test_reads_past_the_end_are_clamped(videos: Path, decoder: str) -> None:
+def test_resized_frames_keep_their_index(videos: Path, decoder: str) -> None:
+    with open_video(str(videos / "bframes.mp4"), decoder=decoder) as reader:
+        frames, _ = read_frames(reader, [7, 100], size=(96, 128))
+    assert frames.shape == (2, 96, 128, 3)
+    assert [decode_index(f) for f in frames] == [7, 100]
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_reads_past_the_end_repeat_the_last_frame(videos: Path, decoder: str) -> None:
     with open_video(str(videos / "index60.mp4"), decoder=decoder) as reader:
-        frames, _ = reader.read([58, 59, 75])
-        assert reader.clamped
+        got = [(i, decode_index(f)) for i, f, _ in reader.frames([58, 59, 75], None)]
+    assert got[:2] == [(58, 58), (59, 59)] and got[-1] == (59, 59)  # the last frame, once more
+    with open_video(str(videos / "index60.mp4"), decoder=decoder) as reader:
+        frames, _ = read_frames(reader, [58, 59, 75])
     assert [decode_index(f) for f in frames] == [58, 59, 59]
 
 
@@ -94,19 +138,22 @@ def test_rotation_is_applied_by_both_decoders(videos: Path, rotation: int) -> No
         with open_video(str(videos / f"rot{rotation}.mp4"), decoder=decoder) as reader:
             assert reader.meta.rotation == (-rotation) % 360  # clockwise, like the legacy rotate tag
             assert (reader.meta.width, reader.meta.height) == (64, 48)
-            results[decoder] = reader.read([0, 4])[0]
+            results[decoder] = read_frames(reader, [0, 4])[0]
+            resized = read_frames(reader, [4], size=(24, 32))[0]
         assert [decode_index(f) for f in results[decoder]] == [0, 4]
+        assert resized.shape == (1, 24, 32, 3) and decode_index(resized[0]) == 4
     assert np.abs(results["decord"].astype(int) - results["pyav"]).mean() < 1.0
 
 
-def test_video_90_mov_upright_and_equal() -> None:
+def test_quicktime_portrait_video_upright_and_equal(videos: Path) -> None:
     frames = {}
     for decoder in DECODERS:
-        with open_video(str(SHARED_VIDEOS / "video_90.mov"), decoder=decoder) as reader:
-            assert reader.meta.rotation == 90
+        with open_video(str(videos / "portrait.mov"), decoder=decoder) as reader:
+            assert reader.meta.rotation == 270
             assert (reader.meta.width, reader.meta.height, reader.meta.frames) == (320, 568, 3)
-            frames[decoder] = reader.read([0, 1, 2])[0]
+            frames[decoder] = read_frames(reader, [0, 1, 2])[0]
     assert frames["decord"].shape == (3, 568, 320, 3)
+    assert [decode_index(f) for f in frames["pyav"]] == [0, 1, 2]
     assert np.abs(frames["decord"].astype(int) - frames["pyav"]).mean() < 1.0
 
 
@@ -120,7 +167,7 @@ def test_sample_videos_agree_across_decoders(name: str) -> None:
             metas[decoder] = reader.meta
             last = reader.meta.frames - 1
             indices = [0, 7, last // 2, last - 3, last]
-            frames[decoder], times[decoder] = reader.read(indices)
+            frames[decoder], times[decoder] = read_frames(reader, indices)
     d, p = metas["decord"], metas["pyav"]
     assert (d.frames, d.width, d.height, d.codec) == (p.frames, p.width, p.height, p.codec)
     assert d.fps == pytest.approx(p.fps, rel=1e-6)
@@ -140,23 +187,13 @@ def test_sample_frame_counts() -> None:
             assert (reader.meta.frames, reader.meta.fps) == (count, fps)
 
 
-def test_pyav_seek_agrees_with_decord_on_real_video() -> None:
-    indices = [270, 251, 279]  # past the seek threshold: PyAV seeks to the keyframe before 251
-    out = {}
-    for decoder in DECODERS:
-        with open_video(str(SAMPLES / "demo.mp4"), decoder=decoder) as reader:
-            out[decoder] = reader.read(indices)
-    assert np.abs(out["decord"][0].astype(int) - out["pyav"][0]).mean() < 2.0
-    np.testing.assert_allclose(out["decord"][1], np.array(indices) / 28.0, atol=1e-3)
-
-
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_bad_inputs(zoo: tuple[Path, dict[str, str]], decoder: str) -> None:
     root, expected = zoo
     for name, outcome in sorted(expected.items()):
         if outcome.startswith("ok:"):
             with open_video(str(root / name), decoder=decoder) as reader:
-                frames, _ = reader.read(list(range(reader.meta.frames)))
+                frames, _ = read_frames(reader, list(range(reader.meta.frames)))
                 assert len({decode_index(f) for f in frames}) == int(outcome[3:]), name
                 assert reader.meta.decoder in DECODERS
         else:
@@ -186,7 +223,7 @@ def test_decord_falls_back_to_pyav_on_read(zoo: tuple[Path, dict[str, str]]) -> 
     root, _ = zoo
     with open_video(str(root / "tiny_16x16.mp4"), decoder="decord") as reader:
         assert reader.meta.decoder == "decord" and reader.fallback is None
-        frames, _ = reader.read([3, 1])
+        frames, _ = read_frames(reader, [3, 1])
         assert reader.meta.decoder == "pyav" and reader.fallback is not None
         assert reader.fallback.stage == "decode"
     assert [decode_index(f) for f in frames] == [3, 1]
@@ -197,7 +234,7 @@ def test_vfr_indices_are_presentation_order(zoo: tuple[Path, dict[str, str]]) ->
     times = {}
     for decoder in DECODERS:
         with open_video(str(root / "vfr.mp4"), decoder=decoder) as reader:
-            frames, times[decoder] = reader.read([19, 0, 4])
+            frames, times[decoder] = read_frames(reader, [19, 0, 4])
         assert [decode_index(f) for f in frames] == [19, 0, 4]
     np.testing.assert_allclose(times["decord"], times["pyav"], atol=1e-3)
     assert times["pyav"][1:].tolist() == pytest.approx([0.0, 0.18])
@@ -209,8 +246,9 @@ def test_missing_file_and_fsspec_url(tmp_path: Path) -> None:
             open_video(str(tmp_path / "nope.mp4"), decoder=decoder)
         assert info.value.error_type == "not_found" and "nope.mp4" in str(info.value)
     path = write_index_video(tmp_path / "a.mp4", frames=3)
-    with open_video(f"file://{path}", decoder="decord") as reader:
-        assert [decode_index(f) for f in reader.read([2])[0]] == [2]
+    for decoder in DECODERS:
+        with open_video(f"file://{path}", decoder=decoder) as reader:
+            assert [decode_index(f) for f in read_frames(reader, [2])[0]] == [2]
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -221,7 +259,8 @@ def test_remote_filesystem_uses_file_objects(tmp_path: Path, decoder: str) -> No
     fs = fsspec.filesystem("memory")
     fs.pipe("/videos/m.mp4", path.read_bytes())
     with open_video("memory://videos/m.mp4", decoder=decoder, fs=fs) as reader:
-        frames, _ = reader.read([19, 2])
+        frames, _ = read_frames(reader, [19, 2])
+        assert reader.size_bytes == path.stat().st_size
     assert [decode_index(f) for f in frames] == [19, 2]
 
 
@@ -246,3 +285,36 @@ def test_classify_error_types() -> None:
     assert (mid.error_type, mid.stage) == ("corrupt", "decode")
     copy = pickle.loads(pickle.dumps(mid))
     assert (copy.error_type, copy.stage, copy.decoder, str(copy)) == ("corrupt", "decode", "decord", str(mid))
+
+
+def test_pyav_reader_is_the_default_opener(videos: Path) -> None:
+    with open_video(str(videos / "index60.mp4"), decoder="pyav") as reader:
+        assert isinstance(reader, PyAVReader)
+
+
+@pytest.mark.parametrize("name", ["bigbuckbunny.mp4", "demo.mp4"])
+def test_scaling_modes_against_the_reference_resize(name: str) -> None:
+    """decode.scale rgb is the reference resize of full-resolution RGB frames, bit for bit (so PyAV and
+    decord give the same pixels); swscale scales in YUV, about a grey level off on camera video."""
+    from videoindex.stages.preprocess import resize_frames, resized_shape
+
+    with open_video(str(SAMPLES / name), decoder="pyav") as reader:
+        full, _ = read_frames(reader, [0, 40, 80])
+        size = resized_shape(reader.meta.height, reader.meta.width, 224)
+        exact, _ = read_frames(reader, [0, 40, 80], size=size)
+    with open_video(str(SAMPLES / name), decoder="pyav", scale="swscale") as reader:
+        fast, _ = read_frames(reader, [0, 40, 80], size=size)
+    with open_video(str(SAMPLES / name), decoder="decord") as reader:
+        decord, _ = read_frames(reader, [0, 40, 80], size=size)
+    reference = resize_frames(full, size)
+    assert np.array_equal(exact, reference) and np.array_equal(decord, reference)
+    difference = np.abs(fast.astype(int) - reference)
+    assert 0 < difference.mean() < 3.0, difference.mean()
+
+
+def test_swscale_needs_pyav() -> None:
+    from videoindex.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="decode.scale swscale needs decode.decoder pyav"):
+        load_config(None, {"input.uri": "/in", "output.uri": "/out", "decode.decoder": "decord",
+                           "decode.scale": "swscale"})  # fmt: skip

@@ -6,6 +6,7 @@ injects one fault in the middle, and compares the table files byte for byte.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -20,33 +21,34 @@ import pytest
 from tests.conftest import REPO, SAMPLES
 from tests.helpers import small_job_config, table_hashes, videos_by_name
 from videoindex import storage
-from videoindex.ledger import Ledger
-from videoindex.runner import run_job
+from videoindex.format.ledger import Ledger
+from videoindex.job.run import run_job
 from videoindex.status import job_status
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.multinode]
 
-VIDEOS = 6
+VIDEOS = 4
 DECODER = "tests.faulty_decoder:open_faulty"
 
 
 def _config(input_dir: Path, output: Path, model_dir: Path, **extra):
     """Two actors of one CPU on a 5-CPU cluster, one video per shard, the misbehaving decoder."""
     return small_job_config(input_dir, output, model_dir, **{
-        "decode.decoder": DECODER, "output.shard_size": 1, "execution.actors": 2, "execution.actor_num_cpus": 1,
+        "decode.decoder": DECODER, "output.shard_size": 1, "execution.executor": "ray", "execution.actors": 2,
+        "execution.actor_num_cpus": 1,
         "execution.shards_per_actor": 1, **extra})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A head and two worker nodes; the test may remove a worker node."""
+def cluster(_ray_owner):
+    """A head and two worker nodes; the test may remove a worker node. It replaces the shared Ray for the
+    module (the next ray_session user starts that again)."""
     import ray
     from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():
-        ray.shutdown()
-    from videoindex.runner import ray_system_config
+    from videoindex.executors.ray_executor import ray_system_config
 
+    _ray_owner.stop()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": ray_system_config()})
     workers = [c.add_node(num_cpus=2) for _ in range(2)]
     ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
@@ -142,7 +144,7 @@ def test_hanging_and_crashing_decoder_then_retry_failed(
 
     output = tmp_path / "out"
     config = _config(input_dir, output, tiny_model_dir_module, **{"decode.timeout_s": 8})
-    hang, crash = input_dir / "video-1.mp4.hang", input_dir / "video-4.mp4.crash"
+    hang, crash = input_dir / "video-1.mp4.hang", input_dir / "video-2.mp4.crash"
     hang.write_text("")
     crash.write_text("")
     try:
@@ -154,11 +156,13 @@ def test_hanging_and_crashing_decoder_then_retry_failed(
     videos = videos_by_name(output)
     assert videos["video-1.mp4"]["error_type"] == "timeout"
     assert "longer than 8 s" in videos["video-1.mp4"]["error_message"]
-    assert videos["video-4.mp4"]["error_type"] == "decoder_crash"
+    assert videos["video-2.mp4"]["error_type"] == "decoder_crash"
     assert sum(v["status"] == "ok" for v in videos.values()) == VIDEOS - 2
     assert table_hashes(output) != clean
 
-    again = run_job(config, resume=True, retry_failed=True)  # the "repaired" videos index now
+    # the "repaired" videos index now; a generous timeout: a retried video may wait for a fresh worker
+    again = run_job(config.replace(decode=dataclasses.replace(config.decode, timeout_s=300)), resume=True,
+                    retry_failed=True)  # fmt: skip
     assert again.exit_code == 0
     assert table_hashes(output) == clean
 
@@ -176,12 +180,12 @@ def test_driver_killed_then_resume(cluster, input_dir, tiny_model_dir_module, cl
     driver = subprocess.Popen([*cmd, "--config", str(cfg)], env=env, cwd=REPO)
     fs, root = storage.filesystem(str(output))
     deadline = time.time() + 120
-    while time.time() < deadline and len(Ledger(fs, root).view().committed()) < 2:
+    while time.time() < deadline and len(Ledger(fs, root).view().committed()) < 1:
         time.sleep(0.2)
     driver.send_signal(signal.SIGKILL)
     driver.wait(30)
     committed = Ledger(fs, root).view().committed()
-    assert 2 <= len(committed) < VIDEOS, "the driver must die mid-job"
+    assert 1 <= len(committed) < VIDEOS, "the driver must die mid-job"
     resume = subprocess.run(
         [sys.executable, "-m", "videoindex.cli", "resume", str(output), "--no-progress"], env=env, cwd=REPO
     )

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from videoindex.config import InputConfig
-from videoindex.plan import PlanError, list_inputs, make_plan, video_id
+from videoindex.stages.plan import PlanError, list_inputs, make_plan, video_id
 
 
 def _touch(path, data=b"x"):

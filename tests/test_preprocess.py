@@ -13,7 +13,7 @@ import torch
 from transformers.models.videomae.image_processing_pil_videomae import VideoMAEImageProcessorPil
 
 from videoindex.config import PreprocessConfig
-from videoindex.preprocess import (
+from videoindex.stages.preprocess import (
     DEFAULTS_SOURCE,
     IMAGENET_MEAN,
     IMAGENET_STD,

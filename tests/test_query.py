@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.synthetic_index import write_synthetic_index
+from videoindex.format.layout import table_file
 from videoindex.query import NotAnIndexError, QueryError, open_index, register_query_cli, run_query_cli
-from videoindex.schema import table_file
 
 SMALL = {"videos": 48, "clips_per_video": 6, "num_labels": 40, "embed_dim": 32, "shards": 6, "seed": 3}
 
@@ -333,3 +333,28 @@ def test_s3_output(moto_s3: str, built, index, capsys) -> None:
     ]
     assert cli(argv) == 0
     assert json.loads(capsys.readouterr().out) == index.errors().to_pylist()
+
+
+def test_readers_load_no_decoder_no_torch_no_ray(built) -> None:
+    """status, query and report run on the output format alone: a fresh process that runs each of them
+    imports no torch, no decoder and no Ray (readers of a big index start in a fraction of a second)."""
+    import subprocess
+    import sys
+
+    root = str(built[0])
+    script = (
+        "import contextlib, io, sys\n"
+        "from videoindex.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    assert main(['status', {root!r}]) == 0\n"
+        f"    assert main(['query', {root!r}, 'summary']) == 0\n"
+        f"    assert main(['query', {root!r}, 'labels', '--top', '3']) == 0\n"
+        "from videoindex.report import build_context\n"
+        "from videoindex.query import open_index\n"
+        f"with open_index({root!r}) as index:\n"
+        "    build_context(index, sample_videos=0, neighbours=0, seed=0)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'av', 'decord', 'ray') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

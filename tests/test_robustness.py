@@ -1,13 +1,14 @@
 """Robustness: every awkward input is exactly one videos row with a precise error, memory stays bounded.
 
 The job test runs the whole zoo of ``videogen.make_bad_inputs`` (plus a decode that blows up memory) as
-one job on a real local Ray. The other tests run ``extract`` in this process: the memory cap, the
-bounded reads of huge frames, and long videos decoded chunk by chunk with ``max_clips_per_video``.
+one job with the local executor (decode worker processes). The other tests run the decode stage in this
+process: the memory cap, decord's reads of huge frames, and long videos decoded chunk by chunk.
 """
 
 from __future__ import annotations
 
 import resource
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +16,26 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from tests.videogen import make_bad_inputs, write_index_video
+from tests.videogen import decode_index, make_bad_inputs, write_index_video
 from videoindex.config import DecodeConfig, SamplingConfig, load_config
-from videoindex.decode import VideoReader, open_video
-from videoindex.errors import ERROR_TYPES
-from videoindex.extract import ExtractRequest, ExtractSettings, extract, follow_up_requests, read_groups
-from videoindex.plan import VideoTask, video_id
-from videoindex.preprocess import PreprocessSpec
-from videoindex.runner import EXIT_VIDEOS_FAILED, run_job
-from videoindex.sampling import ClipSpec, plan_clips
+from videoindex.format.errortypes import ERROR_TYPES
+from videoindex.format.plans import VideoTask
+from videoindex.job.run import EXIT_VIDEOS_FAILED, run_job
+from videoindex.stages.decode import (
+    ClipBatch,
+    DecodeSettings,
+    VideoEnd,
+    VideoFailure,
+    VideoPlan,
+    decode_video,
+)
+from videoindex.stages.plan import video_id
+from videoindex.stages.preprocess import PreprocessSpec
+from videoindex.stages.sampling import plan_clips
+from videoindex.stages.video import Frame, VideoReader, open_video
 
 HUNGRY = "tests.test_robustness:open_hungry"
-RECORDING = "tests.test_robustness:open_recording"
+COUNTING = "tests.test_robustness:open_counting"
 HOG_NAME = "memory_hog.mp4"
 HOG_LIMIT_MB = 2048  # the hog stops here: without a working cap the test fails instead of eating the node
 JOB_MEMORY_MB = 1024
@@ -41,117 +50,117 @@ MESSAGE_WORDS = {
 }
 
 
-class _HungryReader(VideoReader):
-    """A reader whose read() allocates 64 MiB blocks, held, until HOG_LIMIT_MB or a MemoryError."""
-
+class _Wrapped(VideoReader):
     def __init__(self, inner: VideoReader) -> None:
-        self.inner, self.meta = inner, inner.meta
+        self.inner, self.meta, self.size_bytes = inner, inner.meta, inner.size_bytes
 
-    def read(self, indices: Any) -> tuple[np.ndarray, np.ndarray]:
-        held = [np.ones(64 * 2**20, np.uint8) for _ in range(HOG_LIMIT_MB // 64)]
-        del held
-        return self.inner.read(indices)
+    @property
+    def fallback(self) -> Any:  # type: ignore[override]
+        return self.inner.fallback
 
     def close(self) -> None:
         self.inner.close()
+
+
+class _HungryReader(_Wrapped):
+    """A reader that allocates 64 MiB blocks, held, until HOG_LIMIT_MB or a MemoryError, before its frames."""
+
+    def frames(self, indices: Sequence[int], size: tuple[int, int] | None) -> Iterator[Frame]:
+        held = [np.ones(64 * 2**20, np.uint8) for _ in range(HOG_LIMIT_MB // 64)]
+        del held
+        yield from self.inner.frames(indices, size)
 
 
 def open_hungry(path: str, *, decoder: str, fs: Any, fallback_to_pyav: bool) -> VideoReader:
-    """Decoder plug-in: the real decoder, except that files named memory_hog*.mp4 blow up memory."""
-    reader = open_video(path, decoder=decoder, fs=fs, fallback_to_pyav=fallback_to_pyav)
+    """Decoder plug-in: decord (with its PyAV fallback, so the job test sees fallback rows), except that
+    files named memory_hog*.mp4 blow up memory."""
+    reader = open_video(path, decoder="decord", fs=fs, fallback_to_pyav=fallback_to_pyav)
     return _HungryReader(reader) if Path(path).name == HOG_NAME else reader
 
 
-READS: list[int] = []  # frames per read() call, in this process (open_recording)
+YIELDED: list[int] = []  # frames handed out by the last open_counting reader, in order
 
 
-class _RecordingReader(VideoReader):
-    def __init__(self, inner: VideoReader) -> None:
-        self.inner, self.meta = inner, inner.meta
-
-    def read(self, indices: Any) -> tuple[np.ndarray, np.ndarray]:
-        READS.append(len(indices))
-        return self.inner.read(indices)
-
-    def close(self) -> None:
-        self.inner.close()
+class _CountingReader(_Wrapped):
+    def frames(self, indices: Sequence[int], size: tuple[int, int] | None) -> Iterator[Frame]:
+        YIELDED.clear()
+        for frame in self.inner.frames(indices, size):
+            YIELDED.append(frame[0])
+            yield frame
 
 
-def open_recording(path: str, *, decoder: str, fs: Any, fallback_to_pyav: bool) -> VideoReader:
-    """Decoder plug-in that records how many frames each read asks for."""
-    return _RecordingReader(open_video(path, decoder=decoder, fs=fs, fallback_to_pyav=fallback_to_pyav))
+def open_counting(path: str, *, decoder: str, fs: Any, fallback_to_pyav: bool) -> VideoReader:
+    """Decoder plug-in that records which frames the decoder handed out, and when."""
+    return _CountingReader(open_video(path, decoder="pyav", fs=fs, fallback_to_pyav=fallback_to_pyav))
 
 
-def _settings(decoder: str = "decord", *, max_memory_mb: int = 4096, **sampling: Any) -> ExtractSettings:
-    return ExtractSettings(
+def _settings(decoder: str = "pyav", *, max_memory_mb: int = 4096, chunk_clips: int = 4, **sampling: Any
+              ) -> DecodeSettings:  # fmt: skip
+    return DecodeSettings(
         sampling=SamplingConfig(**sampling),
-        decode=DecodeConfig(decoder=decoder, max_memory_mb=max_memory_mb, chunk_clips=4),
+        decode=DecodeConfig(decoder=decoder, max_memory_mb=max_memory_mb, chunk_clips=chunk_clips),
         preprocess=PreprocessSpec(resize_short_side=32, crop_size=32),
     )
 
 
-def _request(path: Path) -> ExtractRequest:
+def _task(path: Path) -> VideoTask:
     uri = str(path)
-    return ExtractRequest(VideoTask(uri, video_id(uri), None, None, None, 0))
+    return VideoTask(uri, video_id(uri), None, None, None, 0)
 
 
 def test_memory_blowup_is_out_of_memory_and_the_process_lives_on(tmp_path: Path) -> None:
     before = resource.getrlimit(resource.RLIMIT_DATA)
     hog = write_index_video(tmp_path / HOG_NAME, frames=20)
-    result = extract(_request(hog), _settings(HUNGRY, max_memory_mb=256))
-    assert result.error is not None and result.error.error_type == "out_of_memory", result.error
-    assert "MemoryError" in str(result.error) and result.frames is None
+    events = list(decode_video(_task(hog), _settings(HUNGRY, max_memory_mb=256)))
+    assert [type(e) for e in events] == [VideoPlan, VideoFailure]
+    error = events[-1].error
+    assert error.error_type == "out_of_memory" and "MemoryError" in str(error), error
     assert resource.getrlimit(resource.RLIMIT_DATA) == before  # the cap is lifted after the decode
     fine = write_index_video(tmp_path / "fine.mp4", frames=20)
-    result = extract(_request(fine), _settings(HUNGRY, max_memory_mb=256))
-    assert result.error is None and result.frames.shape == (1, 16, 32, 32, 3)
+    events = list(decode_video(_task(fine), _settings(HUNGRY, max_memory_mb=256)))
+    assert [type(e) for e in events] == [VideoPlan, ClipBatch, VideoEnd]
+    assert events[1].frames.shape == (1, 16, 32, 32, 3)
 
 
 def test_huge_frames_past_the_cap_are_refused_before_decord_aborts(tmp_path: Path) -> None:
-    """decord kills the process on a failed allocation; the read is checked against the cap first."""
+    """decord kills the process on a failed allocation; its reads are checked against the cap first."""
     video = write_index_video(tmp_path / "uhd.mp4", frames=3, size=(3840, 2160))
-    result = extract(_request(video), _settings("decord", max_memory_mb=200))
-    assert result.error is not None and result.error.error_type == "out_of_memory"
-    assert "3840x2160" in str(result.error) and "decode.max_memory_mb" in str(result.error)
-    result = extract(_request(video), _settings("decord", max_memory_mb=1024))
-    assert result.error is None and result.meta.width == 3840
+    last = list(decode_video(_task(video), _settings("decord", max_memory_mb=200)))[-1]
+    assert isinstance(last, VideoFailure) and last.error.error_type == "out_of_memory"
+    assert "3840x2160" in str(last.error) and "decode.max_memory_mb" in str(last.error)
+    last = list(decode_video(_task(video), _settings("decord", max_memory_mb=1024)))[-1]
+    assert isinstance(last, VideoEnd) and last.meta.width == 3840
+    last = list(decode_video(_task(video), _settings("pyav", max_memory_mb=200)))[-1]
+    assert isinstance(last, VideoEnd)  # PyAV never makes a full-resolution RGB frame
 
 
-def test_read_groups_bound_full_resolution_frames() -> None:
-    clips = tuple(ClipSpec(n, tuple(range(16 * n, 16 * n + 16))) for n in range(5))
-    frame = 3840 * 2160 * 3
-    groups = read_groups(clips, frame, 40 * frame)
-    assert [len(g) for g in groups] == [2, 2, 1]
-    assert [c for g in groups for c in g] == list(clips)
-    assert [len(g) for g in read_groups(clips, frame, frame)] == [1] * 5  # never less than one clip
-    shared = tuple(ClipSpec(n, tuple(range(16)), spatial_crop=n) for n in range(3))  # ssv2 crops
-    assert [len(g) for g in read_groups(shared, frame, 16 * frame)] == [3]
-
-
-@pytest.mark.parametrize("decoder", [RECORDING, "pyav"])
-def test_long_video_is_decoded_chunk_by_chunk(tmp_path: Path, decoder: str) -> None:
-    """A 2-minute video: each task reads only its own chunk's frames; max_clips_per_video caps clips."""
+@pytest.mark.parametrize("chunk_clips", [4, 16])
+def test_long_video_is_decoded_chunk_by_chunk(tmp_path: Path, chunk_clips: int) -> None:
+    """A 2-minute video with max_clips_per_video: one pass, each chunk cut as soon as its frames are in
+    (the decoder never runs ahead of the chunk being cut), clips spread over the whole video."""
     video = write_index_video(tmp_path / "long.mp4", frames=3000, fps=25, size=(32, 32))
-    settings = ExtractSettings(
-        sampling=SamplingConfig(max_clips_per_video=10),
-        decode=DecodeConfig(decoder=decoder, chunk_clips=4),
-        preprocess=PreprocessSpec(resize_short_side=32, crop_size=32),
-    )
-    READS.clear()
-    first = extract(_request(video), settings)
-    assert first.error is None and first.meta.frames == 3000
-    assert len(first.all_clips) == 10 and len(first.clips) == 4
-    results = [first] + [extract(r, settings) for r in follow_up_requests(first, 4)]
-    assert [len(r.clips) for r in results] == [4, 4, 2]
-    assert [c.clip_index for r in results for c in r.clips] == list(range(10))
-    assert all(r.error is None and len(r.frames) == len(r.clips) for r in results)
-    if decoder == RECORDING:
-        assert READS == [64, 64, 32]  # 16 distinct frames per clip, never the whole video
-    starts = [r.times_s[0][0] for r in results]
+    settings = _settings(COUNTING, chunk_clips=chunk_clips, max_clips_per_video=10)
+    events, seen = [], []
+    for event in decode_video(_task(video), settings):
+        events.append(event)
+        seen.append(len(YIELDED))
+    plan, batches, end = events[0], events[1:-1], events[-1]
+    assert isinstance(plan, VideoPlan) and plan.meta.frames == 3000 and len(plan.clips) == 10
+    assert isinstance(end, VideoEnd) and all(isinstance(b, ClipBatch) for b in batches)
+    sizes = [4, 4, 2] if chunk_clips == 4 else [10]
+    assert [len(b.clips) for b in batches] == sizes
+    assert [c.clip_index for b in batches for c in b.clips] == list(range(10))
+    for batch, handed_out in zip(batches, seen[1:-1], strict=True):
+        last_needed = max(i for c in batch.clips for i in c.frame_indices)
+        assert YIELDED[handed_out - 1] == last_needed  # not one frame past the chunk
+        for clip, frames in zip(batch.clips, batch.frames, strict=True):
+            assert [decode_index(f) for f in frames] == list(clip.frame_indices)
+    starts = [t[0] for b in batches for t in b.times_s]
     assert starts[0] == 0.0 and starts[-1] > 60.0  # the clips spread over the whole video
+    assert len(YIELDED) == 160  # 16 distinct frames per clip, never the whole video
 
 
-def test_every_input_is_one_row_with_a_precise_error(ray_session, tiny_model_dir: Path, tmp_path: Path):
+def test_every_input_is_one_row_with_a_precise_error(tiny_model_dir: Path, tmp_path: Path):
     folder = tmp_path / "messy"
     expected = make_bad_inputs(folder)
     write_index_video(folder / HOG_NAME, frames=20)
@@ -159,8 +168,8 @@ def test_every_input_is_one_row_with_a_precise_error(ray_session, tiny_model_dir
     output = tmp_path / "out"
     config = load_config(None, {
         "input.uri": str(folder), "output.uri": str(output), "model.name": str(tiny_model_dir),
-        "output.shard_size": 8, "execution.batch_size": 4, "execution.actor_num_cpus": 0.5,
-        "execution.decode_num_cpus": 0.5, "execution.progress": False, "sampling.clip_stride": 1,
+        "output.shard_size": 8, "execution.batch_size": 4, "execution.executor": "local",
+        "execution.progress": False, "sampling.clip_stride": 1,
         "decode.chunk_clips": 1, "decode.decoder": HUNGRY, "decode.max_memory_mb": JOB_MEMORY_MB,
     })  # fmt: skip
     result = run_job(config)
@@ -202,38 +211,3 @@ def test_every_input_is_one_row_with_a_precise_error(ray_session, tiny_model_dir
     assert by_name["ten_bit.mp4"]["decoder"] == "decord" and by_name["gray.mkv"]["decoder"] == "decord"
     fatal = sorted(Path(e["uri"]).name for e in errors if e["fatal"])
     assert fatal == sorted(n for n, o in expected.items() if not o.startswith("ok:"))
-
-
-def test_decode_queued_behind_busy_cpus_is_not_a_timeout(
-    tiny_model_dir: Path, sample_videos: Path, tmp_path: Path
-):
-    """The timeout clock starts when Ray runs a decode task: a task that waited for a CPU longer than
-    decode.timeout_s (here behind a task holding the CPUs) indexes normally. Needs the dashboard (state API)."""
-    import time
-
-    import ray
-
-    from tests.helpers import small_job_config, videos_by_name
-
-    if ray.is_initialized():
-        ray.shutdown()
-    from videoindex.runner import ray_system_config
-
-    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING", log_to_driver=False,
-             _system_config=ray_system_config())  # fmt: skip
-    try:
-        hog = (
-            ray.remote(lambda s: time.sleep(s)).options(num_cpus=1).remote(24)
-        )  # the actor gets 0.5, decode 0.5
-        config = small_job_config(sample_videos, tmp_path / "out", tiny_model_dir, **{
-            "decode.timeout_s": 8, "execution.decode_num_cpus": 1, "execution.actors": 1})  # fmt: skip
-        result = run_job(config)
-        assert ray.get(hog) is None
-    finally:
-        ray.shutdown()
-    videos = videos_by_name(tmp_path / "out")
-    assert result.exit_code == 0, {name: v["error_message"] for name, v in videos.items()}
-    assert {name: v["status"] for name, v in videos.items()} == {
-        "demo.mp4": "ok",
-        "carphone_pristine.mp4": "ok",
-    }

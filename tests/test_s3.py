@@ -7,6 +7,7 @@ before any Ray work.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -22,9 +23,9 @@ from tests.helpers import small_job_config
 from tests.s3server import TEST_KEY, TEST_SECRET, FlakyProxy, S3Server, s3_options
 from videoindex import storage
 from videoindex.config import load_config
-from videoindex.jobfile import JobMismatchError
-from videoindex.plan import PlanError, list_inputs
-from videoindex.runner import EXIT_VIDEOS_FAILED, run_job
+from videoindex.format.jobrecord import JobMismatchError
+from videoindex.job.run import EXIT_VIDEOS_FAILED, run_job
+from videoindex.stages.plan import PlanError, list_inputs
 from videoindex.status import job_status
 
 s3_server, s3 = s3server.s3_server, s3server.s3  # the moto fixtures
@@ -66,9 +67,7 @@ def _videos(fs: s3fs.S3FileSystem, output: str) -> list[dict]:
     return dataset.to_table().to_pylist()
 
 
-def test_s3_to_s3_job_resume_status_query_without_leaking_secrets(
-    ray_session, tiny_model_dir, s3, caplog, capsys
-):
+def test_s3_to_s3_job_resume_status_query_without_leaking_secrets(tiny_model_dir, s3, caplog, capsys):
     admin = s3.fs()
     _upload_inputs(admin)
     admin.mkdir(OUT)
@@ -112,8 +111,9 @@ def test_s3_to_s3_job_resume_status_query_without_leaking_secrets(
     assert sorted(r["video_id"] for r in again) == sorted(r["video_id"] for r in videos.values())
     assert pads.dataset(f"{OUT}/job/clips", filesystem=out, partitioning="hive").count_rows() == 4
 
-    query = pytest.importorskip("videoindex.query")
-    with query.open_index(output, s3.options(*writer)) as index:
+    from videoindex.query import open_index
+
+    with open_index(output, s3.options(*writer)) as index:
         summary = index.summary().to_pylist()[0]
         assert (summary["videos"], summary["videos_error"], summary["clips"]) == (4, 2, 4)
 
@@ -257,3 +257,72 @@ def test_anonymous_access_lists_a_public_bucket(s3):
     rows = list_inputs(load_config(None, {"input.uri": f"s3://{IN}/clips/", "output.uri": "unused",
                                           "input.storage_options": {"client_kwargs": {"endpoint_url": s3.url}, "anon": True}}).input)  # fmt: skip
     assert sorted(r["uri"] for r in rows) == [f"s3://{IN}/clips/carphone.mp4", f"s3://{IN}/clips/demo.mp4"]
+
+
+def _noisy_video(path, *, frames: int, size: tuple[int, int]):
+    """An H.264 video of random pixels (incompressible: about 1.5 bytes per pixel per frame)."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.options = {"crf": "18", "preset": "ultrafast"}
+        for _ in range(frames):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode(None))
+    return path
+
+
+def test_a_video_is_read_once_from_object_storage(s3, tiny_model_dir, tmp_path):
+    """A 20 MiB video decoded in many chunks: bytes read <= 1.05 x its size + 1 MiB and GETs <= size / 8 MiB
+    + 10, counted at an HTTP proxy in front of the S3 server, for every decoder."""
+    video = _noisy_video(tmp_path / "long.mp4", frames=400, size=(320, 240))
+    size = video.stat().st_size
+    assert size > 16 * 2**20
+    s3.fs().mkdir(IN)
+    s3.fs().put_file(str(video), f"{IN}/long/long.mp4")
+    s3.fs().mkdir(OUT)
+    for decoder in ("pyav", "decord"):
+        with FlakyProxy(s3.url) as proxy:
+            options = s3_options(proxy.url)
+            config = small_job_config(f"s3://{IN}/long/", f"s3://{OUT}/{decoder}", tiny_model_dir, **{
+                "input.storage_options": options, "output.storage_options": options, "decode.decoder": decoder,
+                "decode.chunk_clips": 1, "sampling.clip_stride": 2})  # fmt: skip
+            result = run_job(config)
+            gets, read = proxy.reads_of("long/long.mp4")
+        assert result.exit_code == 0 and result.summary["clips"] == 13, result.summary  # 13 chunks
+        assert read <= 1.05 * size + 2**20, (decoder, read / size)
+        assert gets <= size / 2**23 + 10, (decoder, gets)
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "decord"])
+def test_the_container_index_is_read_once_however_long_the_video(s3, tmp_path, monkeypatch, decoder):
+    """Blocks of 512 KiB on a 20 MiB MP4 whose index (moov) is at its end: the decode pass opens the file
+    again and the demuxer reads past the last frame into the index, which stays cached while the LRU of
+    data blocks moves on."""
+    from videoindex.config import DecodeConfig, SamplingConfig
+    from videoindex.format.plans import VideoTask
+    from videoindex.stages import source
+    from videoindex.stages.decode import DecodeSettings, VideoEnd, decode_video
+    from videoindex.stages.preprocess import PreprocessSpec
+
+    monkeypatch.setattr(source, "REMOTE_BLOCK_SIZE", 2**19)
+    video = _noisy_video(tmp_path / "long.mp4", frames=400, size=(320, 240))
+    with open(video, "rb") as fh:
+        assert fh.read(32).find(b"ftyp") >= 0 and b"moov" not in fh.read(
+            2**19
+        )  # the index is not at the head
+    size = video.stat().st_size
+    s3.fs().mkdir(IN)
+    s3.fs().put_file(str(video), f"{IN}/long.mp4")
+    settings = DecodeSettings(SamplingConfig(clip_stride=2), DecodeConfig(decoder=decoder, chunk_clips=1),
+                              PreprocessSpec(resize_short_side=32, crop_size=32))  # fmt: skip
+    with FlakyProxy(s3.url) as proxy:
+        settings = dataclasses.replace(settings, storage_options=s3_options(proxy.url))
+        events = list(decode_video(VideoTask(f"s3://{IN}/long.mp4", "v", None, None, None, 0), settings))
+        gets, read = proxy.reads_of("long.mp4")
+    assert isinstance(events[-1], VideoEnd), events[-1]
+    assert (read, gets) == (size, -(-size // 2**19))  # every block fetched once

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from videoindex.config import SamplingConfig
-from videoindex.sampling import ClipSpec, cap_clips, clip_times, plan_clips
+from videoindex.stages.sampling import ClipSpec, cap_clips, clip_times, plan_clips
 
 
 @pytest.mark.parametrize("num_frames", [64, 65, 100, 127, 128, 310, 1000])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from videoindex.config import ConfigError, load_config
-from videoindex.sizing import ExecutionSplit, execution_split
+from videoindex.job.sizing import ExecutionSplit, execution_split
 
 
 def _config(**overrides):
@@ -37,7 +37,13 @@ def test_more_actors_than_nodes_share_a_node() -> None:
 def test_gpu_cluster_one_actor_per_gpu_batch_16() -> None:
     split = _split({"CPU": 32, "GPU": 4}, [16, 16])
     assert split == ExecutionSplit(
-        actors=4, num_gpus=1.0, num_cpus=1.0, batch_size=16, torch_threads=1, decode_idle_priority=False
+        actors=4,
+        num_gpus=1.0,
+        num_cpus=1.0,
+        batch_size=16,
+        torch_threads=1,
+        decode_idle_priority=False,
+        decode_on_actor_node=True,
     )
     on_cpu = _split({"CPU": 32, "GPU": 4}, [16, 16], **{"model.device": "cpu"})
     assert (on_cpu.num_gpus, on_cpu.batch_size, on_cpu.decode_idle_priority) == (0.0, 1, True)
@@ -77,3 +83,29 @@ def test_an_actor_bigger_than_every_node_is_refused() -> None:
         _split({"CPU": 32, "GPU": 4}, [8, 8, 8, 8], **{"execution.actor_num_gpus": 2})
     with pytest.raises(ConfigError, match="decode_num_cpus 12 is more than any node"):
         _split({"CPU": 32}, [8, 8, 8, 8], **{"execution.decode_num_cpus": 12, "execution.actor_num_cpus": 1})
+
+
+def test_decode_runs_on_the_actor_node_with_gpus_unless_set() -> None:
+    gpu_nodes = [{"CPU": 8, "GPU": 1}] * 2
+    assert execution_split(_config(), {"CPU": 16, "GPU": 2}, gpu_nodes, 10).decode_on_actor_node
+    assert not execution_split(_config(), {"CPU": 16}, [{"CPU": 8}] * 2, 10).decode_on_actor_node
+    spread = _config(**{"execution.decode_on_actor_node": False})
+    assert not execution_split(spread, {"CPU": 16, "GPU": 2}, gpu_nodes, 10).decode_on_actor_node
+
+
+def test_local_split_gives_the_model_the_cores_and_decoding_the_rest() -> None:
+    from videoindex.job.sizing import local_split
+
+    cpu = local_split(_config(), cpus=16, cuda=False)
+    assert (cpu.batch_size, cpu.torch_threads, cpu.decode_slots, cpu.decode_idle_priority) == (1, 16, 2, True)
+    gpu = local_split(_config(), cpus=16, cuda=True)
+    assert (gpu.batch_size, gpu.torch_threads, gpu.decode_slots, gpu.decode_idle_priority) == (
+        16,
+        1,
+        15,
+        False,
+    )
+    chosen = local_split(
+        _config(**{"execution.decode_workers": 3, "execution.batch_size": 2}), cpus=4, cuda=False
+    )
+    assert (chosen.decode_slots, chosen.batch_size) == (3, 2)

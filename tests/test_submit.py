@@ -25,7 +25,7 @@ import yaml
 from tests import s3server
 from tests.conftest import REPO, SAMPLES
 from videoindex.config import ConfigError, load_config
-from videoindex.runner import ray_node_env
+from videoindex.executors.ray_executor import ray_node_env
 from videoindex.submit import (
     CONFIG_ENV,
     WORKING_DIR_EXCLUDES,
@@ -67,6 +67,9 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 9
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} not up after {timeout_s}s:\n{log.read_text()[-3000:]}")
+
+
+pytestmark = pytest.mark.ray  # a Ray head of its own (ray start), for the Jobs API
 
 
 @pytest.fixture(scope="module")
@@ -240,8 +243,8 @@ def test_working_dir_ships_the_checkout_without_venv(ray_head):
     assert "'.venv'" not in line and "'.git'" not in line
 
 
-def test_submit_job_follow_indexes_the_demo(ray_head, tmp_path, capsys):
-    config = _demo_config(tmp_path)
+def test_submit_job_follow_indexes_the_demo(ray_head, tmp_path, tiny_model_dir, capsys):
+    config = _demo_config(tmp_path, model={"name": str(tiny_model_dir), "random_weights": False})
     result = submit_job(ray_head, str(config), follow=True)
     out = capsys.readouterr().out
     assert result.submission_id in out and str(tmp_path / "out") in out

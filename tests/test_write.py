@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from videoindex import storage
-from videoindex.write import parquet_bytes
+from videoindex.format.tables import parquet_bytes
 
 
 def test_row_groups_follow_the_size_not_the_batches(tmp_path: Path) -> None:

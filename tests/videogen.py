@@ -107,18 +107,25 @@ def write_index_video(
     pix_fmt: str = "yuv420p",
     rotation: int = 0,
     times_s: Sequence[float] | None = None,
+    gop: int = 10,
+    preset: str = "ultrafast",
+    x264_params: str | None = None,
+    container_format: str | None = None,
 ) -> Path:
     """Write ``frames`` index frames of ``size`` (width, height) at ``fps``.
 
     ``rotation``: degrees counter-clockwise in the display matrix (PyAV's convention); the pixels are
     stored turned the other way, so a decoder that honours the matrix shows the upright index frame.
     ``times_s``: presentation times in seconds per frame (variable frame rate); default i / fps.
-    Keyframes every 10 frames and a low CRF keep the code readable after compression.
+    Keyframes every ``gop`` frames and a low CRF keep the code readable after compression. x264's
+    ``preset`` "ultrafast" writes no B frames; "medium" (x264's default) writes B frames that are
+    references (b-pyramid) and B frames that are not; ``x264_params`` e.g. "open-gop=1".
+    ``container_format``: e.g. "h264" for a raw elementary stream (packets without timestamps).
     """
     path = Path(path)
     rate = Fraction(fps).limit_denominator(1001)
     time_base = Fraction(1, 90000) if times_s is not None else 1 / rate
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", format=container_format) as container:
         stream = container.add_stream(codec, rate=rate)
         upright = index_frame(0, size)
         stored = np.rot90(upright, k=-(rotation // 90))
@@ -126,9 +133,11 @@ def write_index_video(
         stream.pix_fmt = pix_fmt
         stream.time_base = time_base
         stream.codec_context.time_base = time_base
-        stream.codec_context.gop_size = 10
+        stream.codec_context.gop_size = gop
         if codec in ("libx264", "libx265"):
-            stream.options = {"crf": "12", "preset": "ultrafast"}
+            stream.options = {"crf": "12", "preset": preset}
+            if x264_params:
+                stream.options = {**stream.options, "x264-params": x264_params}
         elif codec in ("libsvtav1", "av1"):
             stream.options = {"crf": "20", "preset": "12"}
         elif codec == "mpeg4":

@@ -42,6 +42,7 @@ RUN_FLAGS = {  # CLI flag -> job config key
     "device": "model.device",
     "dtype": "model.dtype",
     "address": "execution.address",
+    "executor": "execution.executor",
 }
 
 
@@ -72,6 +73,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, metavar="K", help="labels kept per clip (default 5)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--executor",
+        choices=["ray", "local"],
+        help="ray (default): Ray actors and tasks; local: this process + decode processes, no Ray",
+    )
     p.add_argument("--address", help="Ray address (default: local Ray, or RAY_ADDRESS)")
     p.add_argument("--thumbnails", action="store_true", default=None, help="store a small JPEG per clip")
     p.add_argument(
@@ -127,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--output", default="videoindex-demo", help="output directory (default ./videoindex-demo)"
+    )
+    demo.add_argument("--executor", choices=["ray", "local"], help="ray (default) or local (no Ray)")
+    demo.add_argument(
+        "--max-clips-per-video", type=int, metavar="N", help="a quicker look: N clips per video"
     )
 
     status = sub.add_parser("status", help="progress and results of a job, from its output alone")
@@ -201,7 +211,7 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from videoindex.runner import run_job
+    from videoindex.job.run import run_job
 
     config = load_config(args.config, _overrides(args))
     result = run_job(config, rerun=args.rerun, progress=_progress(args))
@@ -210,11 +220,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from videoindex.model import ModelLoadError
-    from videoindex.runner import run_job
+    from videoindex.job.run import run_job
+    from videoindex.stages.checkpoint import ModelLoadError
 
     samples = str(resources.files("videoindex") / "samples")
-    config = load_config(None, {"input.uri": samples, "output.uri": args.output})
+    config = load_config(None, {"input.uri": samples, "output.uri": args.output, "execution.executor": args.executor,
+                                "sampling.max_clips_per_video": args.max_clips_per_video})  # fmt: skip
     try:
         result = run_job(config)  # resolves the model before anything is written
     except ModelLoadError as exc:
@@ -230,8 +241,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from videoindex.resume import job_config_from_output
-    from videoindex.runner import run_job
+    from videoindex.job.resume import job_config_from_output
+    from videoindex.job.run import run_job
 
     overrides = {
         "execution.actors": args.actors,
@@ -300,17 +311,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"videoindex {args.command}: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from ray.exceptions import RayError
-
-        from videoindex.jobfile import JobMismatchError
-        from videoindex.model import ModelLoadError
-        from videoindex.plan import PlanError
+        from videoindex.format.jobrecord import JobMismatchError
+        from videoindex.stages.checkpoint import ModelLoadError
+        from videoindex.stages.plan import PlanError
         from videoindex.submit import SubmitError
 
         if isinstance(exc, (JobMismatchError, ModelLoadError, PlanError, SubmitError)):
             print(f"videoindex {args.command}: {exc}", file=sys.stderr)
             return 2
-        if isinstance(exc, (OSError, RayError)):  # storage, network, cluster: one line, named
+        ray_error = sys.modules["ray.exceptions"].RayError if "ray.exceptions" in sys.modules else OSError
+        if isinstance(exc, (OSError, ray_error)):  # storage, network, cluster: one line, named
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             print(f"videoindex {args.command}: {type(exc).__name__}: {first}", file=sys.stderr)
             return 2

@@ -50,13 +50,18 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """How frames are read. decord by default; PyAV is the second decoder behind the same interface."""
+    """How frames are read: PyAV's one forward pass by default (benchmarks/README.md, bench_decode.py);
+    decord behind the same interface."""
 
-    decoder: str = (
-        "decord"  # decord | pyav | "package.module:open_function" (same signature as decode.open_video)
-    )
-    fallback_to_pyav: bool = True  # when decord cannot open a file PyAV can (recorded per video)
-    timeout_s: float = 600.0  # per decode task (one chunk of clips of one video)
+    # pyav | decord | "package.module:open_function" (same signature as stages.video.open_video)
+    decoder: str = "pyav"
+    fallback_to_pyav: bool = True  # decord only: when decord cannot read a file PyAV can (recorded per video)
+    # How a kept frame is cut down to the short side. rgb: converted to full-resolution RGB, then the
+    # reference antialiased resize (the checkpoint's image processor's pixels, within one grey level).
+    # swscale (pyav only): scaled in YUV by swscale as it is decoded, ~25% less decode CPU, about one
+    # grey level off on camera video and more on saturated colour (benchmarks/README.md, bench_decode.py).
+    scale: Literal["rgb", "swscale"] = "rgb"
+    timeout_s: float = 600.0  # per step of a video's decode (its probe, then each chunk of clips)
     chunk_clips: int = 16  # clips decoded per task: bounds memory for long videos
     max_memory_mb: int = 4096  # per decode worker process; past it the video fails as out_of_memory
 
@@ -98,9 +103,10 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class ExecutionConfig:
-    """Ray resources. None means: decide from the cluster (sizing.py: one actor per GPU, else per CPU node)."""
+    """Where and how the work runs. None means: decide from the resources (job/sizing.py)."""
 
-    address: str | None = None  # None: local Ray (or RAY_ADDRESS)
+    executor: Literal["ray", "local"] = "ray"  # local: this process + decode worker processes, no Ray
+    address: str | None = None  # ray: None is a local Ray (or RAY_ADDRESS)
     actors: int | None = None
     # Decoding a clip costs ~4% of a full-size CPU forward (benchmarks/README.md): on CPU the model
     # takes the node minus two decode slots, and its torch threads round that up to every core.
@@ -111,7 +117,13 @@ class ExecutionConfig:
     # they never preempt a CPU model's threads (measured: e2e 5-7% faster, benchmarks/README.md).
     # None: on when the actors run the model on CPU, off with GPUs (there decoding is the bottleneck).
     decode_idle_priority: bool | None = None
-    decode_in_flight: int = 4  # decode tasks queued per shard being processed
+    decode_in_flight: int = 4  # videos decoding at once per shard being processed (ray)
+    # Decode tasks run on the model actor's node, so no clip crosses the network. None: when the actors
+    # have GPUs (where a clip's 2.4 MB per GPU-millisecond would load the network); false lets decode
+    # tasks use CPU-only nodes too.
+    decode_on_actor_node: bool | None = None
+    decode_chunks_ahead: int = 2  # chunks a video's decode may run ahead of the model (ray backpressure)
+    decode_workers: int | None = None  # local: decode processes (None: 2 beside a CPU model, cores-1 on GPU)
     # A decode worker is replaced after this many tasks (0: never): decoders grow memory over thousands
     # of videos (benchmarks/bench_memory.py); a fresh worker costs ~2 s of CPU once per this many tasks.
     decode_max_calls: int = 200
@@ -140,7 +152,8 @@ class JobConfig:
 
 # Settings that change what lands in the tables. A job may be resumed with other execution settings,
 # but never with other values of these.
-OUTPUT_AFFECTING = ("input", "sampling", "decode.decoder", "decode.fallback_to_pyav", "preprocess", "model")
+OUTPUT_AFFECTING = ("input", "sampling", "decode.decoder", "decode.fallback_to_pyav", "decode.scale", "preprocess",
+                    "model")  # fmt: skip
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -248,10 +261,11 @@ def validate(config: JobConfig) -> None:
             "sampling.max_clips_per_video must be >= 1",
         ),
         (
-            d.decoder in ("decord", "pyav") or ":" in d.decoder,
-            "decode.decoder must be decord, pyav or module:function",
+            d.decoder in ("pyav", "decord") or ":" in d.decoder,
+            "decode.decoder must be pyav, decord or module:function",
         ),
         (d.timeout_s > 0, "decode.timeout_s must be > 0 seconds"),
+        (d.scale == "rgb" or d.decoder != "decord", "decode.scale swscale needs decode.decoder pyav"),
         (d.chunk_clips >= 1, "decode.chunk_clips must be >= 1"),
         (config.model.top_k >= 1, "model.top_k must be >= 1"),
         (o.shard_size >= 1, "output.shard_size must be >= 1 video"),
@@ -259,6 +273,8 @@ def validate(config: JobConfig) -> None:
         (x.batch_size is None or x.batch_size >= 1, "execution.batch_size must be >= 1"),
         (x.max_attempts >= 1, "execution.max_attempts must be >= 1"),
         (x.decode_in_flight >= 1, "execution.decode_in_flight must be >= 1"),
+        (x.decode_chunks_ahead >= 1, "execution.decode_chunks_ahead must be >= 1"),
+        (x.decode_workers is None or x.decode_workers >= 1, "execution.decode_workers must be >= 1"),
         (
             x.decode_max_calls >= 0,
             "execution.decode_max_calls must be >= 0 (0: never replace a decode worker)",

@@ -51,7 +51,8 @@ def memory_cap(max_mb: int) -> Iterator[None]:
 # One malloc arena per decode worker. A Ray worker has dozens of threads, each with its own glibc arena;
 # frame buffers freed in one arena are reused by that arena only, so a long-lived worker's heap crept
 # video after video (figures: benchmarks/README.md, bench_memory). glibc reads it only when a process
-# starts, so Ray sets it through the decode task's runtime_env; it replaces a job-level value of the key.
+# starts, so it is set in a decode worker's environment (Ray: the decode task's runtime_env, where it replaces
+# a job-level value of the key; local executor: the worker process's environment).
 DECODE_WORKER_ENV: dict[str, str] = {"MALLOC_ARENA_MAX": "1"}
 
 

@@ -2,7 +2,7 @@
 
 Requires ``OUTPUT/_job.json`` (model, label map) and the ledger; produces pyarrow Tables. Only committed
 shards are visible: file paths are built from the commit markers (one listing of ``_ledger/``) and
-``schema.table_file``, never from listing the table directories, so a half-written or withdrawn shard
+``layout.table_file``, never from listing the table directories, so a half-written or withdrawn shard
 is never read. Works on local paths and any fsspec URI (s3://, gs://...) with ``storage_options``;
 DuckDB scans the pyarrow datasets lazily (projection and filter pushdown), so no DuckDB httpfs is needed.
 
@@ -32,10 +32,11 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
-from videoindex import schema, storage
+from videoindex import storage
 from videoindex.config import ConfigError, parse_storage_options
-from videoindex.errors import RETRYABLE_ERROR_TYPES
-from videoindex.ledger import Ledger
+from videoindex.format import layout, schemas
+from videoindex.format.errortypes import RETRYABLE_ERROR_TYPES
+from videoindex.format.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +115,17 @@ class Index:
 
     def _schema(self, table: str) -> pa.Schema:
         if table == "clips":
-            base = schema.clips_schema(int(self.model["num_labels"]), int(self.model["embed_dim"]))
+            base = schemas.clips_schema(int(self.model["num_labels"]), int(self.model["embed_dim"]))
         elif table in ("videos", "errors"):
-            base = schema.VIDEOS_SCHEMA if table == "videos" else schema.ERRORS_SCHEMA
+            base = schemas.VIDEOS_SCHEMA if table == "videos" else schemas.ERRORS_SCHEMA
         else:
-            raise QueryError(f"unknown table {table!r}; tables: {', '.join(schema.TABLES)}")
+            raise QueryError(f"unknown table {table!r}; tables: {', '.join(layout.TABLES)}")
         return base.append(pa.field("shard", pa.int32()))
 
     def dataset(self, table: str) -> ds.Dataset:
         """A table over the committed shards' files; ``shard`` comes from each file's partition."""
         if table not in self._datasets:
-            paths = [storage.join(self.root, schema.table_file(table, s)) for s in self.committed]
+            paths = [storage.join(self.root, layout.table_file(table, s)) for s in self.committed]
             # from_paths: no listing and no per-file stat (one HEAD per file on object stores).
             self._datasets[table] = ds.FileSystemDataset.from_paths(
                 paths,
@@ -139,7 +140,7 @@ class Index:
         """A DuckDB connection with views clips, videos, errors over the datasets (scanned lazily)."""
         if self._con is None:
             self._con = duckdb.connect()
-            for table in schema.TABLES:
+            for table in layout.TABLES:
                 self._con.register(table, self.dataset(table))
         return self._con
 
@@ -224,7 +225,7 @@ class Index:
         if found.num_rows == 0:
             raise QueryError(f"no video {ref!r} in {self.uri} (give a video_id or uri from the videos table)")
         row = found.to_pylist()[0]
-        if row["status"] != schema.STATUS_OK:
+        if row["status"] != schemas.STATUS_OK:
             raise QueryError(f"video {row['uri']} has no clips: it failed ({row['error_type']}: "
                              f"{_one_line(row['error_message'] or '')})")  # fmt: skip
         return row

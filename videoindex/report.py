@@ -33,10 +33,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from videoindex import schema
 from videoindex.config import SECRET_KEY_PARTS, ConfigError, parse_storage_options
-from videoindex.extract import thumbnail_jpeg
-from videoindex.ledger import Ledger
+from videoindex.format import schemas
+from videoindex.format.ledger import Ledger
+from videoindex.format.thumbnails import thumbnail_jpeg
 from videoindex.query import Index, QueryError, _matrix, _one_line, open_index
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def _errors(index: Index) -> dict[str, list[dict[str, Any]]]:
 def _sample_videos(index: Index, n: int, seed: int) -> list[dict[str, Any]]:
     """`n` ok videos drawn with `seed` (deterministic for a given index), in uri order."""
     columns = ["video_id", "uri", "shard", "num_clips", "duration_s", "label", "score", "width", "height"]
-    ok = index.dataset("videos").to_table(columns=columns, filter=pc.field("status") == schema.STATUS_OK)
+    ok = index.dataset("videos").to_table(columns=columns, filter=pc.field("status") == schemas.STATUS_OK)
     if n <= 0 or ok.num_rows == 0:
         return []
     ok = ok.sort_by("video_id")
@@ -321,14 +321,14 @@ class Thumbnails:
             clip["thumbnail"] = stored.get(key, {}).get("thumbnail")
 
     def _decode(self, uri: str, clips: list[dict[str, Any]]) -> None:
-        from videoindex.decode import open_video
+        from videoindex.stages.video import open_video, read_frames
 
         middles = [c["frame_indices"][len(c["frame_indices"]) // 2] for c in clips]
         # A source in the output's store (s3://...) is read with the report's storage options.
         same_store = uri.split("://")[0] == self.index.uri.split("://")[0] and "://" in self.index.uri
         try:
             with open_video(uri, decoder="pyav", fs=self.index.fs if same_store else None) as reader:
-                frames, _ = reader.read(middles)
+                frames, _ = read_frames(reader, middles)
         except Exception as exc:  # a missing or unreadable source: placeholders, said on the page
             self.failures[uri] = _one_line(exc).removeprefix(f"{uri}: ")[:300]
             self.missing += len(clips)

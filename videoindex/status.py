@@ -9,30 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from videoindex import storage
-from videoindex.jobfile import read_job
-from videoindex.ledger import Ledger
-
-TOTAL_KEYS = ("videos", "videos_ok", "videos_error", "clips")
-
-
-def committed_totals(stats: list[dict[str, Any]]) -> tuple[dict[str, int], float]:
-    """Video/clip totals over committed shards' markers, and the wall seconds those shards spanned."""
-    totals = {k: sum(int(s.get(k, 0)) for s in stats) for k in TOTAL_KEYS}
-    spans = [(s["started_at"], s["finished_at"]) for s in stats if "started_at" in s]
-    busy = max(e for _, e in spans) - min(b for b, _ in spans) if spans else 0.0
-    return totals, busy
-
-
-def summarize(ledger: Ledger) -> dict[str, Any]:
-    """A finished run's totals, from the committed shards' markers alone."""
-    totals, busy = committed_totals(ledger.committed_stats())
-    view = ledger.view()
-    return {
-        **totals,
-        "shards_committed": len(view.committed()),
-        "shards_failed": len(view.failed()),
-        "clips_per_s": round(totals["clips"] / busy, 3) if busy > 0 else None,
-    }
+from videoindex.format.jobrecord import read_job
+from videoindex.format.ledger import Ledger, committed_totals
 
 
 def job_status(output: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Client side, ``submit_job``: validate the config here, ship the project and the config, print the
 submission id and the output, optionally follow the logs. Job side, ``job_main`` (``jobs/index_job.py``,
 or ``python -m videoindex.submit`` where videoindex is installed, not shipped): load the config, reach
-the output, ``runner.run_job``, exit with its code.
+the output, ``job.run.run_job``, exit with its code.
 
 How the config travels: a local file's text goes in the job's runtime_env as ``VIDEOINDEX_JOB_CONFIG``
 and the entrypoint names it ``env:VIDEOINDEX_JOB_CONFIG``. The job runs exactly the bytes validated at
@@ -301,9 +301,9 @@ def _check_output(config: Any) -> None:
 
 
 def _expected(exc: Exception) -> bool:
-    from videoindex.jobfile import JobMismatchError
-    from videoindex.model import ModelLoadError
-    from videoindex.plan import PlanError
+    from videoindex.format.jobrecord import JobMismatchError
+    from videoindex.stages.checkpoint import ModelLoadError
+    from videoindex.stages.plan import PlanError
 
     return isinstance(exc, (OSError, ValueError, JobMismatchError, ModelLoadError, PlanError))
 
@@ -329,7 +329,7 @@ def job_main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         log.error("videoindex job cannot start: %s: %s", type(exc).__name__, exc)
         return EXIT_JOB_FAILED
-    from videoindex.runner import run_job
+    from videoindex.job.run import run_job
 
     try:
         result = run_job(config, resume=args.resume, retry_failed=args.retry_failed,

@@ -1,7 +1,8 @@
-"""How a job spreads over a cluster: actors, CPUs and GPUs per actor, batch size; refuses splits that cannot run.
+"""How a job spreads over a cluster or one machine: actors, CPUs and GPUs per actor, batch size, decode
+workers; refuses splits that cannot run.
 
-Pure: takes the cluster's resources as data (from ``ray.cluster_resources()`` / ``ray.nodes()``), so the
-defaults are tested without a cluster. Measured on a 2-core CPU machine (benchmarks/README.md): decode
+Pure: takes the resources as data (from ``ray.cluster_resources()`` / ``ray.nodes()``, or this
+machine's CPU count), so the defaults are tested without a cluster. Measured on a 2-core CPU machine (benchmarks/README.md): decode
 tasks of 0.25 CPU beside one actor holding the rest keep the model fed; batch 1 is fastest on CPU.
 """
 
@@ -24,6 +25,8 @@ class ExecutionSplit:
     batch_size: int
     torch_threads: int  # of each actor: execution.torch_threads, else its CPUs rounded up
     decode_idle_priority: bool = False  # decode workers yield every core to the model (CPU models)
+    decode_slots: int = 0  # decode workers that run at once (local executor: its worker processes)
+    decode_on_actor_node: bool = False  # ray: decode tasks pinned to their actor's node
 
 
 def execution_split(
@@ -68,8 +71,9 @@ def execution_split(
     batch = x.batch_size or (CUDA_BATCH if num_gpus else CPU_BATCH)
     threads = x.torch_threads or max(1, math.ceil(num_cpus))
     idle = x.decode_idle_priority if x.decode_idle_priority is not None else not num_gpus
+    local = x.decode_on_actor_node if x.decode_on_actor_node is not None else bool(num_gpus)
     return ExecutionSplit(actors=actors, num_gpus=num_gpus, num_cpus=num_cpus, batch_size=batch,
-                          torch_threads=threads, decode_idle_priority=idle)  # fmt: skip
+                          torch_threads=threads, decode_idle_priority=idle, decode_on_actor_node=local)  # fmt: skip
 
 
 def _check_fits_a_node(nodes: Sequence[Mapping[str, float]], *, num_cpus: float, num_gpus: float,
@@ -83,3 +87,19 @@ def _check_fits_a_node(nodes: Sequence[Mapping[str, float]], *, num_cpus: float,
         )
     if not any(n.get("CPU", 0) >= decode_cpus for n in nodes):
         raise ConfigError(f"execution.decode_num_cpus {decode_cpus:g} is more than any node's CPUs")
+
+
+LOCAL_CPU_DECODE_WORKERS = 2  # beside a CPU model decoding needs ~4% of the cores; two keep it fed
+
+
+def local_split(config: JobConfig, *, cpus: int, cuda: bool) -> ExecutionSplit:
+    """The local executor's split: one model in this process with every core (CPU) or the GPU, and
+    decode worker processes (execution.decode_workers; default: 2 beside a CPU model at idle priority,
+    every core but one beside a GPU model, where decoding is the bottleneck)."""
+    x = config.execution
+    workers = x.decode_workers or (max(1, cpus - 1) if cuda else LOCAL_CPU_DECODE_WORKERS)
+    idle = x.decode_idle_priority if x.decode_idle_priority is not None else not cuda
+    return ExecutionSplit(actors=1, num_gpus=1.0 if cuda else 0.0, num_cpus=float(cpus),
+                          batch_size=x.batch_size or (CUDA_BATCH if cuda else CPU_BATCH),
+                          torch_threads=x.torch_threads or (1 if cuda else cpus),
+                          decode_idle_priority=idle, decode_slots=workers)  # fmt: skip

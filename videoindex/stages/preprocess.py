@@ -6,8 +6,9 @@ decode workers, cheap to ship) and, on the model's device, ``float[B,T,3,S,S]`` 
 ``preprocessor_config.json``: a checkpoint fed other statistics than it was trained with still runs but
 predicts worse, so falling back to defaults is always logged.
 
-Resizing matches ``VideoMAEImageProcessor`` (PIL bilinear, antialiased) to within one grey level; torch
-is used instead of PIL so the stage has no per-frame Python loop. torchvision is not required.
+Resizing: ``resize_frames`` matches ``VideoMAEImageProcessor`` (PIL bilinear, antialiased) to within one
+grey level (torch, imported only when used, so PyAV decode workers never load torch); the PyAV decoder
+scales in swscale as it decodes. torchvision is not required.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from videoindex.config import PreprocessConfig
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -141,26 +143,42 @@ def crop_offsets(height: int, width: int, size: int, position: int = CROP_CENTRE
     return (0 if position == CROP_START else height - size), left
 
 
-def resize_and_crop(frames: np.ndarray, spec: PreprocessSpec, crop_position: int = CROP_CENTRE) -> np.ndarray:
-    """uint8[T,H,W,3] -> uint8[T,S,S,3]: short side to ``spec.resize_short_side`` (bilinear, antialiased),
-    then an S x S crop at ``crop_position``.
+def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8[T,H,W,3] -> uint8[T,h,w,3] at ``size`` = (h, w): bilinear, antialiased, as PIL resizes.
 
     Resizes uint8 directly: torch's uint8 antialias kernel follows PIL's fixed-point two-pass algorithm
     (about 0.1% of pixels differ by one grey level, against 10-15% for a float resize + rounding) and is
-    20-60x faster than resizing in float on CPU (8 ms vs 0.5 s for 16 frames of 720p).
+    20-60x faster than resizing in float on CPU (8 ms vs 0.5 s for 16 frames of 720p). This is the
+    reference resize (``decode.scale: rgb``); with ``swscale`` the PyAV decoder scales in YUV instead
+    (difference: benchmarks/README.md).
     """
+    import torch
+    import torch.nn.functional as F
+
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected uint8[T,H,W,3] frames, got {frames.dtype}{list(frames.shape)}")
-    height, width = frames.shape[1:3]
-    new_h, new_w = resized_shape(height, width, spec.resize_short_side)
-    top, left = crop_offsets(new_h, new_w, spec.crop_size, crop_position)
-    size = spec.crop_size
+    if tuple(frames.shape[1:3]) == tuple(size):
+        return frames
     # NHWC memory viewed as NCHW is torch's channels_last: no copy, and the fast uint8 kernel.
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-    if (new_h, new_w) != (height, width):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-    x = x[:, :, top : top + size, left : left + size]
+    x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
     return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
+
+
+def crop(frames: np.ndarray, size: int, crop_position: int = CROP_CENTRE) -> np.ndarray:
+    """uint8[...,H,W,3] -> uint8[...,S,S,3]: the window at ``crop_position`` (a view, no copy)."""
+    height, width = frames.shape[-3:-1]
+    top, left = crop_offsets(height, width, size, crop_position)
+    return frames[..., top : top + size, left : left + size, :]
+
+
+def resize_and_crop(frames: np.ndarray, spec: PreprocessSpec, crop_position: int = CROP_CENTRE) -> np.ndarray:
+    """uint8[T,H,W,3] -> uint8[T,S,S,3]: short side to ``spec.resize_short_side`` (reference resize),
+    then an S x S crop at ``crop_position``."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected uint8[T,H,W,3] frames, got {frames.dtype}{list(frames.shape)}")
+    size = resized_shape(*frames.shape[1:3], spec.resize_short_side)
+    return np.ascontiguousarray(crop(resize_frames(frames, size), spec.crop_size, crop_position))
 
 
 def normalize(
@@ -171,6 +189,8 @@ def normalize(
     The uint8 batch moves first (4x fewer bytes than float; non_blocking from pinned memory), so on CUDA
     the scaling runs on the GPU. Same arithmetic order as HF: x / 255, then (x - mean) / std in float32.
     """
+    import torch
+
     if isinstance(clips, np.ndarray):
         clips = torch.from_numpy(clips)
     if clips.dtype != torch.uint8 or clips.ndim != 5 or clips.shape[-1] != 3:

@@ -1,10 +1,8 @@
-"""Error types of a video that could not be indexed, and the mapping of any exception to one of them.
+"""Decode errors: the exception a bad video raises, and the mapping of any exception to an error type.
 
-Every failed video gets exactly one ``videos`` row with ``status=error``, an ``error_type`` from
-``ERROR_TYPES`` and a message that names the URI, the decoder, the stage (open | probe | decode) and
-the library's own words. Recovered problems (decord -> PyAV fallback) are rows of the ``errors`` table
-with ``fatal=false``. ``RETRYABLE_ERROR_TYPES`` are the ones ``videoindex resume --retry-failed``
-retries by default: they depend on the machine or the moment, not on the file.
+The message names the URI, the decoder, the stage (open | probe | decode) and the library's own words;
+the type is one of ``format.errortypes.ERROR_TYPES``. Recovered problems (decord -> PyAV fallback) are
+rows of the ``errors`` table with ``fatal=false``.
 """
 
 from __future__ import annotations
@@ -14,22 +12,7 @@ from typing import Any
 
 import av
 
-ERROR_TYPE_DOC: dict[str, str] = {
-    "not_found": "the file does not exist (or is a broken link)",
-    "permission": "the file exists but may not be read",
-    "empty_file": "the file has 0 bytes",
-    "not_a_video": "no container format recognised (text, random bytes, truncated header, directory)",
-    "no_video_stream": "a valid container without a video stream (audio only, subtitles)",
-    "unsupported_codec": "the video codec has no decoder in the decoder used",
-    "corrupt": "the container opened but decoding failed mid-stream",
-    "timeout": "decoding took longer than decode.timeout_s",
-    "decoder_crash": "the decoder raised an unexpected internal error or its process died",
-    "out_of_memory": "decoding needed more than decode.max_memory_mb (or the machine ran out of memory)",
-    "storage": "reading the bytes failed (object store or file system I/O); retryable",
-}
-ERROR_TYPES: tuple[str, ...] = tuple(ERROR_TYPE_DOC)
-# Depend on the machine or the moment rather than the file: retried by resume --retry-failed by default.
-RETRYABLE_ERROR_TYPES: tuple[str, ...] = ("timeout", "storage", "decoder_crash", "out_of_memory")
+from videoindex.format.errortypes import ERROR_TYPE_DOC, ERROR_TYPES
 
 
 class DecodeError(Exception):

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from videoindex import storage
-from videoindex.schema import shard_name
+from videoindex.format.layout import LEDGER_DIR, shard_name
 
 log = logging.getLogger(__name__)
 
-LEDGER_DIR = "_ledger"
+TOTAL_KEYS = ("videos", "videos_ok", "videos_error", "clips")
 _ENTRY = re.compile(r"^(committed|failed|attempts)/shard-(\d+)(?:\.a(\d+)\.(started|failed))?\.json$")
 
 
@@ -119,6 +119,18 @@ class Ledger:
         names = storage.list_names(self.fs, self._path("committed"))
         return [storage.read_json(self.fs, self._path("committed", n)) for n in names if n.endswith(".json")]
 
+    def committed_stats_of(self, shard: int) -> dict[str, Any]:
+        """One committed shard's stats (its commit marker)."""
+        return storage.read_json(self.fs, self._path("committed", f"shard-{shard_name(shard)}.json"))
+
     def attempt_records(self) -> list[dict[str, Any]]:
         names = storage.list_names(self.fs, self._path("attempts"))
         return [storage.read_json(self.fs, self._path("attempts", n)) for n in names if n.endswith(".json")]
+
+
+def committed_totals(stats: list[dict[str, Any]]) -> tuple[dict[str, int], float]:
+    """Video/clip totals over committed shards' stats, and the wall seconds those shards spanned."""
+    totals = {k: sum(int(s.get(k, 0)) for s in stats) for k in TOTAL_KEYS}
+    spans = [(s["started_at"], s["finished_at"]) for s in stats if "started_at" in s]
+    busy = max(e for _, e in spans) - min(b for b, _ in spans) if spans else 0.0
+    return totals, busy

@@ -1,27 +1,12 @@
-"""Table schemas and output layout: the contract every reader (query, report, Spark, DuckDB) relies on.
+"""Table schemas: the contract every reader (query, report, Spark, DuckDB) relies on.
 
-Layout under OUTPUT (all names derive from the shard id, so a re-run overwrites, never duplicates)::
-
-    _job.json                                 settings, model, label map, versions
-    _plan/plan.parquet                        uri, video_id, size, mtime, shard (sorted)
-    clips/shard=00042/part-00042.parquet      one row per clip
-    videos/shard=00042/part-00042.parquet     one row per input video
-    errors/shard=00042/part-00042.parquet     one row per error met (also non-fatal ones)
-    _ledger/committed/shard-00042.json        commit marker + shard stats, written last
-    _ledger/attempts/shard-00042.a01.json     attempt history (started / failed)
-
-``shard`` is a Hive partition column (not stored inside the files), so
-``pyarrow.dataset.dataset(OUTPUT + "/clips", partitioning="hive")`` and DuckDB's ``hive_partitioning``
-give it back as an integer.
+One module-level schema per table (the clips schema depends on the model's label count and embedding
+width). Never inferred from data: an empty shard writes the same columns as a full one.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
-
-SCHEMA_VERSION = 1
-TABLES = ("clips", "videos", "errors")
-SHARD_WIDTH = 5
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -104,13 +89,3 @@ PLAN_SCHEMA = pa.schema(
         pa.field("shard", pa.int32(), nullable=False),
     ]
 )
-
-
-def shard_name(shard: int) -> str:
-    return f"{shard:0{SHARD_WIDTH}d}"
-
-
-def table_file(table: str, shard: int) -> str:
-    """Path of a shard's file, relative to OUTPUT."""
-    name = shard_name(shard)
-    return f"{table}/shard={name}/part-{name}.parquet"

@@ -15,9 +15,8 @@ from typing import Any
 
 from videoindex import __version__, storage
 from videoindex.config import JobConfig, output_affecting, to_dict
-from videoindex.schema import SCHEMA_VERSION, TABLES
+from videoindex.format.layout import JOB_FILE, SCHEMA_VERSION, TABLES
 
-JOB_FILE = "_job.json"
 MODEL_IDENTITY = ("name", "revision", "weights_sha256", "random_weights", "tag")
 
 

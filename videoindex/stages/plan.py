@@ -2,8 +2,7 @@
 
 Requires an InputConfig (directory/prefix, glob, or manifest). Produces a pyarrow table with
 PLAN_SCHEMA (uri, video_id, size_bytes, mtime, extra, shard) sorted by uri; shard k holds rows
-[k*shard_size, (k+1)*shard_size). The plan is written once to ``_plan/plan.parquet`` and reused by
-every resume, so shard contents never change under a job.
+[k*shard_size, (k+1)*shard_size). ``format.plans`` stores it once per job (``_plan/plan.parquet``).
 """
 
 from __future__ import annotations
@@ -12,40 +11,25 @@ import hashlib
 import io
 import json
 import logging
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from videoindex import storage
 from videoindex.config import InputConfig
-from videoindex.schema import PLAN_SCHEMA
+from videoindex.format.schemas import PLAN_SCHEMA
 
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".txt", ".lst", ".csv", ".tsv", ".parquet")
 GLOB_CHARS = "*?["
-PLAN_FILE = "_plan/plan.parquet"
 
 
 class PlanError(ValueError):
     """The input cannot be listed; the message says why and what to pass instead."""
-
-
-@dataclass(frozen=True)
-class VideoTask:
-    """One input video as the plan knows it (size/mtime may be None for manifest entries)."""
-
-    uri: str
-    video_id: str
-    size_bytes: int | None
-    mtime: str | None
-    extra: str | None
-    shard: int
 
 
 def video_id(uri: str) -> str:
@@ -214,29 +198,3 @@ def make_plan(rows: list[dict[str, Any]], shard_size: int) -> pa.Table:
         },
         schema=PLAN_SCHEMA,
     )
-
-
-def write_plan(fs: Any, root: str, plan: pa.Table, shard_size: int) -> None:
-    buf = io.BytesIO()
-    pq.write_table(plan, buf, row_group_size=max(shard_size * 16, 1024), compression="zstd")
-    storage.write_bytes(fs, storage.join(root, PLAN_FILE), buf.getvalue())
-
-
-def read_plan(fs: Any, root: str, shard: int | None = None) -> pa.Table:
-    """The stored plan, or one shard of it (row-group statistics make that a small read)."""
-    path = storage.join(root, PLAN_FILE)
-    filters = [("shard", "=", shard)] if shard is not None else None
-    table = storage.with_retries(
-        lambda: pq.read_table(path, filesystem=fs, filters=filters, schema=PLAN_SCHEMA), what=f"read {path}"
-    )
-    return table
-
-
-def shard_tasks(plan_rows: pa.Table) -> list[VideoTask]:
-    return [VideoTask(**row) for row in plan_rows.to_pylist()]
-
-
-def shard_ids(plan: pa.Table) -> list[int]:
-    if plan.num_rows == 0:
-        return []
-    return list(range(int(pc.max(plan["shard"]).as_py()) + 1))

@@ -1,34 +1,27 @@
-"""Model stage: a VideoMAE video classifier as a callable, loaded once per process.
+"""The checkpoint: find it, check it, describe it, fingerprint it. No torch, no transformers.
 
 ``resolve_model`` runs on the driver before any work: it finds the checkpoint (local directory or hub
-snapshot), checks that it is a VideoMAE *classifier*, hashes its weights and resolves preprocessing, so a
-job that cannot load its model fails in seconds with a message saying what to do. ``VideoClassifier``
-then turns ``uint8[B,T,S,S,3]`` crops into float32 logits, probabilities, top-k and pooled embeddings;
-the same object runs in a plain loop in tests and inside the Ray actor.
-
-Random weights (``--random-weights``) keep the architecture and the label map but initialise every
-parameter from seed 0, so every actor and every run computes bit-identical (meaningless) outputs; the
-``model`` column of every row says so.
+snapshot), checks from its ``config.json`` that it is a VideoMAE *classifier*, hashes its weights and
+resolves preprocessing, so a job that cannot load its model fails in seconds with a message saying what to
+do, and the driver never imports torch (about 5 s on 2 cores). Workers build the model from the
+``ModelInfo`` (``stages.model``) and check their copy of the weights by fingerprint (``verified_model``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import torch
-
 from videoindex.config import DEFAULT_MODEL, ConfigError, ModelConfig, PreprocessConfig
-from videoindex.preprocess import PreprocessSpec, load_preprocess_spec, normalize
+from videoindex.stages.preprocess import PreprocessSpec, load_preprocess_spec
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +44,7 @@ class ModelInfo:
     name: str
     revision: str | None
     weights_sha256: str | None  # over the weight files' bytes, in name order; None for random weights
+    weights_fingerprint: str | None  # sizes + first and last MiB of each weight file: a cheap check
     random_weights: bool
     model_dir: str | None  # local directory holding config.json (and the weights)
     id2label: dict[int, str]
@@ -63,20 +57,6 @@ class ModelInfo:
     config: dict[str, Any]  # effective VideoMAE config (JSON-able), after config_overrides
     preprocess: PreprocessSpec
     tag: str  # the `model` column of every table row
-
-
-@dataclass
-class ClipOutputs:
-    """One batch of B clips; float32 throughout, whatever dtype the model ran in."""
-
-    logits: np.ndarray  # float32[B,L]
-    embeddings: np.ndarray  # float32[B,D]: pooled features that feed the classifier
-    probs: np.ndarray  # float32[B,L]: softmax of logits
-    topk_ids: np.ndarray  # int32[B,k], best first
-    topk_scores: np.ndarray  # float32[B,k]: probabilities of topk_ids
-
-
-# ---------------------------------------------------------------------------------------------- resolve
 
 
 def _hub_message(name: str, cause: BaseException) -> str:
@@ -192,10 +172,40 @@ def _sha256(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _effective_config(folder: Path, overrides: Mapping[str, Any]) -> Any:
-    """config.json + overrides as a VideoMAEConfig, refusing anything that is not a VideoMAE classifier."""
-    from transformers import VideoMAEConfig
+FINGERPRINT_BYTES = 2**20
 
+
+def _fingerprint(files: list[Path]) -> str:
+    """Names, sizes and the first and last MiB of each file: what a worker checks instead of re-hashing
+    every weight byte (the full sha256 is computed once, on the driver, and recorded)."""
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as fh:
+            digest.update(fh.read(FINGERPRINT_BYTES))
+            fh.seek(max(0, size - FINGERPRINT_BYTES))
+            digest.update(fh.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()
+
+
+# transformers' VideoMAEConfig: its keys (tests/test_model.py checks them against the installed
+# transformers) and the defaults of the fields the driver reads, so the driver needs no transformers.
+VIDEOMAE_CONFIG_KEYS = frozenset({
+    "_name_or_path", "architectures", "attention_probs_dropout_prob", "chunk_size_feed_forward",
+    "decoder_hidden_size", "decoder_intermediate_size", "decoder_num_attention_heads", "decoder_num_hidden_layers",
+    "dtype", "hidden_act", "hidden_dropout_prob", "hidden_size", "id2label", "image_size", "initializer_range",
+    "intermediate_size", "is_encoder_decoder", "label2id", "layer_norm_eps", "model_type", "norm_pix_loss",
+    "num_attention_heads", "num_channels", "num_frames", "num_hidden_layers", "output_attentions",
+    "output_hidden_states", "patch_size", "problem_type", "qv_bias", "return_dict", "transformers_version",
+    "tubelet_size", "use_mean_pooling",
+})  # fmt: skip
+VIDEOMAE_DEFAULTS: Mapping[str, Any] = {"image_size": 224, "num_frames": 16, "tubelet_size": 2, "hidden_size": 768,
+                                        "use_mean_pooling": True}  # fmt: skip
+
+
+def _effective_config(folder: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """config.json + overrides, refusing anything that is not a VideoMAE classifier."""
     path = folder / "config.json"
     if not path.is_file():
         raise ModelLoadError(
@@ -214,10 +224,10 @@ def _effective_config(folder: Path, overrides: Mapping[str, Any]) -> Any:
             f"{len(raw.get('id2label') or {})} labels); use a fine-tuned VideoMAE "
             "(VideoMAEForVideoClassification with id2label), not a pre-training one"
         )
-    unknown = sorted(set(overrides) - set(VideoMAEConfig().to_dict()))
+    unknown = sorted(set(overrides) - VIDEOMAE_CONFIG_KEYS)
     if unknown:
         raise ConfigError(f"model.config_overrides: unknown VideoMAE config key(s) {unknown}")
-    return VideoMAEConfig.from_dict({**raw, **overrides})
+    return {**raw, **overrides}
 
 
 def _tag(cfg: ModelConfig) -> str:
@@ -236,152 +246,43 @@ def resolve_model(cfg: ModelConfig, preprocess: PreprocessConfig) -> ModelInfo:
             "checkpoint there, or run a demo with --random-weights"
         )
     spec = load_preprocess_spec(folder, preprocess)
-    if spec.crop_size != config.image_size:
+    field = {k: config.get(k, default) for k, default in VIDEOMAE_DEFAULTS.items()}
+    if spec.crop_size != field["image_size"]:
         raise ConfigError(
             f"preprocess.crop_size {spec.crop_size} differs from the model's image_size "
-            f"{config.image_size}; VideoMAE's position embeddings fix the input size"
+            f"{field['image_size']}; VideoMAE's position embeddings fix the input size"
         )
+    id2label = {int(k): str(v) for k, v in config["id2label"].items()}
     return ModelInfo(
         name=cfg.name,
         revision=cfg.revision,
         weights_sha256=_sha256(weights) if weights else None,
+        weights_fingerprint=_fingerprint(weights) if weights else None,
         random_weights=cfg.random_weights,
         model_dir=str(folder),
-        id2label={int(k): str(v) for k, v in config.id2label.items()},
-        num_labels=config.num_labels,
-        embed_dim=config.hidden_size,
-        num_frames=config.num_frames,
-        image_size=config.image_size,
-        tubelet_size=config.tubelet_size,
-        pooling="mean" if config.use_mean_pooling else "cls",
-        config=json.loads(config.to_json_string(use_diff=False)),
+        id2label=id2label,
+        num_labels=len(id2label),
+        embed_dim=int(field["hidden_size"]),
+        num_frames=int(field["num_frames"]),
+        image_size=int(field["image_size"]),
+        tubelet_size=int(field["tubelet_size"]),
+        pooling="mean" if field["use_mean_pooling"] else "cls",
+        config=config,
         preprocess=spec,
         tag=_tag(cfg),
     )
 
 
-# ------------------------------------------------------------------------------------------------- run
-
-
-def _pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"model.device={device} but no CUDA device is visible here; use auto or cpu")
-    return torch.device(device)
-
-
-def _pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def _build(info: ModelInfo, dtype: torch.dtype) -> torch.nn.Module:
-    """Pretrained weights (every tensor must load), or seeded random ones identical in every process."""
-    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
-
-    config = VideoMAEConfig.from_dict(info.config)
+def verified_model(info: ModelInfo, cfg: ModelConfig) -> ModelInfo:
+    """The driver's ModelInfo where this machine holds the same checkpoint (cheap fingerprint check), else
+    the checkpoint resolved here (hub snapshot) after a full hash against the recorded digest."""
     if info.random_weights:
-        config._attn_implementation = "sdpa"
-        with torch.random.fork_rng(devices=[]):  # built on CPU in float32: same bits everywhere
-            torch.manual_seed(RANDOM_SEED)
-            model = VideoMAEForVideoClassification(config)
-        return model.to(dtype)
-    # transformers >= 5 renames legacy `q_bias`/`v_bias` keys itself (conversion_mapping "videomae");
-    # a missing key would leave a randomly initialised tensor, so it is an error, not a warning.
-    model, report = VideoMAEForVideoClassification.from_pretrained(
-        info.model_dir, config=config, attn_implementation="sdpa", dtype=dtype, output_loading_info=True
-    )
-    missing = sorted(report["missing_keys"]) + sorted(str(k) for k in report["mismatched_keys"])
-    if missing:
-        raise ModelLoadError(
-            f"{info.model_dir}: checkpoint does not fit the model; missing or mis-shaped "
-            f"weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
-        )
-    if report["unexpected_keys"]:
-        log.warning(
-            "%s: ignoring %d unused weights, e.g. %s",
-            info.model_dir,
-            len(report["unexpected_keys"]),
-            sorted(report["unexpected_keys"])[:3],
-        )
-    return model
-
-
-class VideoClassifier:
-    """Callable: ``uint8[B,T,S,S,3]`` crops -> :class:`ClipOutputs`. Build once per process."""
-
-    def __init__(self, info: ModelInfo, cfg: ModelConfig, device: str | None = None) -> None:
-        self.info = info
-        self.device = _pick_device(device or cfg.device)
-        self.dtype = _pick_dtype(cfg.dtype, self.device)
-        self.top_k = min(cfg.top_k, info.num_labels)
-        self.model = _build(info, self.dtype).to(self.device).eval()
-        self._encoder = self.model.videomae
-        if cfg.compile and self.device.type == "cuda":
-            self._encoder = torch.compile(self._encoder)
-        elif cfg.compile:
-            log.info("model.compile ignored on %s (pays off on CUDA only)", self.device)
-        log.info("loaded %s on %s (%s)", info.tag, self.device, str(self.dtype).removeprefix("torch."))
-
-    @torch.inference_mode()
-    def forward_pixels(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, embeddings) exactly as VideoMAEForVideoClassification.forward pools and classifies."""
-        seq = self._encoder(pixel_values).last_hidden_state
-        pooled = self.model.fc_norm is not None  # use_mean_pooling; else the first token, as HF does
-        embedding = self.model.fc_norm(seq.mean(1)) if pooled else seq[:, 0]
-        return self.model.classifier(embedding), embedding
-
-    def _check(self, clips: np.ndarray | torch.Tensor) -> torch.Tensor:
-        batch = torch.from_numpy(np.ascontiguousarray(clips)) if isinstance(clips, np.ndarray) else clips
-        size, frames = self.info.preprocess.crop_size, self.info.num_frames
-        if batch.dtype != torch.uint8 or tuple(batch.shape[1:]) != (frames, size, size, 3):
-            raise ValueError(
-                f"expected uint8[B,{frames},{size},{size},3] clips, got {batch.dtype}{list(batch.shape)}"
-            )
-        if self.device.type == "cuda" and batch.device.type == "cpu":
-            batch = batch.pin_memory()  # lets the copy in normalize() run asynchronously
-        return batch
-
-    @torch.inference_mode()
-    def __call__(self, clips: np.ndarray | torch.Tensor) -> ClipOutputs:
-        pixel_values = normalize(self._check(clips), self.info.preprocess, self.dtype, self.device)
-        logits, embeddings = self.forward_pixels(pixel_values)
-        logits = logits.float()
-        probs = logits.softmax(dim=-1)
-        scores, ids = probs.topk(self.top_k, dim=-1)
-        return ClipOutputs(
-            logits=logits.cpu().numpy(),
-            embeddings=embeddings.float().cpu().numpy(),
-            probs=probs.cpu().numpy(),
-            topk_ids=ids.to(torch.int32).cpu().numpy(),
-            topk_scores=scores.cpu().numpy(),
-        )
-
-
-class ModelThread:
-    """Runs a classifier on one dedicated thread, whichever threads call it, one batch at a time.
-
-    libgomp (PyTorch's OpenMP on Linux) gives every thread that runs a parallel op its own team of
-    ``torch_threads``. With more team threads alive than cores (a Ray actor running shards on several
-    threads), it stops spinning at barriers and sleeps at each one: measured on 2 cores, 445 instead of
-    3 sleeps per forward and a 10-15% slower model (benchmarks/README.md). One thread keeps one team.
-    ``build`` runs on that thread too, so the model's first parallel ops make no team elsewhere.
-    """
-
-    def __init__(self, build: Callable[[], VideoClassifier], torch_threads: int) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="videoindex-model")
-        self.classifier = self._executor.submit(self._build, build, torch_threads).result()
-        self.info = self.classifier.info
-
-    @staticmethod
-    def _build(build: Callable[[], VideoClassifier], torch_threads: int) -> VideoClassifier:
-        torch.set_num_threads(torch_threads)
-        return build()
-
-    def __call__(self, clips: np.ndarray | torch.Tensor) -> ClipOutputs:
-        return self._executor.submit(self.classifier, clips).result()
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        return info
+    here = Path(info.model_dir) if info.model_dir else None
+    if here is not None and here.is_dir() and _fingerprint(_weight_files(here)) == info.weights_fingerprint:
+        return info
+    local = resolve_model(cfg, PreprocessConfig())
+    if local.weights_sha256 != info.weights_sha256:
+        raise ModelLoadError(f"model weights on this node differ from the driver's "
+                             f"({local.weights_sha256} != {info.weights_sha256})")  # fmt: skip
+    return dataclasses.replace(info, model_dir=local.model_dir)

@@ -1,6 +1,6 @@
 """What a resume needs from an output alone: the job's config (secrets re-supplied) and the failed videos.
 
-Plain Python over ``_job.json`` and the committed ``videos`` files; the runner queues the result.
+Plain Python over ``_job.json`` and the committed ``videos`` files; the job (job/run.py) queues the result.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pyarrow.dataset as pads
 
 from videoindex import storage
 from videoindex.config import JobConfig, load_config
-from videoindex.errors import RETRYABLE_ERROR_TYPES
-from videoindex.jobfile import JOB_FILE, read_job
-from videoindex.schema import table_file
+from videoindex.format.errortypes import RETRYABLE_ERROR_TYPES
+from videoindex.format.jobrecord import JOB_FILE, read_job
+from videoindex.format.layout import table_file
 
 
 def failed_videos(fs: Any, root: str, shards: set[int], *, all_errors: bool) -> dict[int, tuple[str, ...]]:

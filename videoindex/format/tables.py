@@ -1,4 +1,4 @@
-"""Write a shard's tables as Parquet: one deterministic file per shard per table.
+"""A shard's tables as Parquet: one deterministic file per shard per table, written and read back.
 
 Files are named from the shard id (``clips/shard=00042/part-00042.parquet``), written whole (atomic
 rename locally, single PUT on object stores), and carry no timestamps, so writing the same rows again
@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from videoindex import storage
-from videoindex.schema import SCHEMA_VERSION, TABLES, table_file
+from videoindex.format.layout import SCHEMA_VERSION, TABLES, table_file
+from videoindex.format.schemas import STATUS_OK
 
 # Small tables are read whole; clips are read by column, so row groups stay large enough for
 # analytical scans (8k clips ~ 10 MB of logits+embeddings for the default model).
@@ -77,4 +80,37 @@ def read_shard_tables(fs: Any, root: str, shard: int) -> dict[str, pa.Table]:
             what=f"read shard {shard} {name}",
         )
         for name in TABLES
+    }
+
+
+TABLE_ORDER = {"clips": [("uri", "ascending"), ("clip_index", "ascending")], "videos": [("uri", "ascending")],
+               "errors": [("uri", "ascending")]}  # fmt: skip
+
+
+def replace_videos(
+    old: dict[str, pa.Table], new: dict[str, pa.Table], video_ids: Iterable[str]
+) -> dict[str, pa.Table]:
+    """A shard's tables with the rows of ``video_ids`` replaced by freshly indexed ones.
+
+    Rows end in the order a clean run writes them (sorts are stable), so a retried shard is identical
+    to a shard whose videos all succeeded the first time.
+    """
+    ids = pa.array(sorted(set(video_ids)), pa.string())
+    merged = {}
+    for name, table in old.items():
+        table = table.select(new[name].column_names).cast(new[name].schema)
+        kept = table.filter(pc.invert(pc.is_in(table["video_id"], value_set=ids)))
+        merged[name] = pa.concat_tables([kept, new[name]]).sort_by(TABLE_ORDER[name])
+    return merged
+
+
+def stats_from_tables(tables: dict[str, pa.Table]) -> dict[str, Any]:
+    """Video and clip counts of a shard, derived from its tables."""
+    videos = tables["videos"]
+    ok = int(pc.sum(pc.equal(videos["status"], STATUS_OK)).as_py() or 0)
+    return {
+        "videos": videos.num_rows,
+        "videos_ok": ok,
+        "videos_error": videos.num_rows - ok,
+        "clips": tables["clips"].num_rows,
     }

@@ -1,0 +1,69 @@
+"""The shards a run still has to index: attempts handed out, infrastructure failures retried, all recorded.
+
+Plain Python shared by every executor (datatrove's lesson: one run loop's bookkeeping, not one per
+executor). A shard attempt that raises (a write that failed, an actor or node lost) is an infrastructure
+failure: it is recorded in the ledger and retried until ``execution.max_attempts`` tries in this run;
+bad videos never fail a shard (they are rows). A shard's videos come from the driver's plan, sliced by
+row range (shard k holds rows [k*shard_size, (k+1)*shard_size)), so no worker reads the plan again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Any
+
+import pyarrow as pa
+
+from videoindex.format.layout import shard_name
+from videoindex.format.ledger import Ledger
+from videoindex.format.plans import shard_tasks
+from videoindex.job.shard import ShardWork
+
+log = logging.getLogger(__name__)
+
+
+class ShardQueue:
+    """Pending shard attempts, in order; committed stats and final failures of this run."""
+
+    def __init__(self, ledger: Ledger, plan: pa.Table, shard_size: int, max_attempts: int) -> None:
+        self.ledger, self.plan, self.shard_size, self.max_attempts = ledger, plan, shard_size, max_attempts
+        self.pending: deque[ShardWork] = deque()
+        self.committed: dict[int, dict[str, Any]] = {}
+        self.failed: dict[int, str] = {}
+        self.first_attempt: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def add(self, shard: int, attempt: int, video_ids: tuple[str, ...] | None = None) -> None:
+        videos = tuple(shard_tasks(self.plan.slice(shard * self.shard_size, self.shard_size)))
+        self.pending.append(ShardWork(shard, attempt, videos, video_ids))
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def pop(self) -> ShardWork | None:
+        with self.lock:
+            if not self.pending:
+                return None
+            work = self.pending.popleft()
+            self.first_attempt.setdefault(work.shard, work.attempt)
+            return work
+
+    def done(self, work: ShardWork, stats: dict[str, Any]) -> None:
+        with self.lock:
+            self.committed[work.shard] = stats
+            self.failed.pop(work.shard, None)
+
+    def fail(self, work: ShardWork, reason: str) -> None:
+        """Record a failed attempt; queue the next one unless this run spent ``max_attempts`` on it."""
+        with self.lock:
+            tries = work.attempt - self.first_attempt.setdefault(work.shard, work.attempt) + 1
+            final = tries >= self.max_attempts
+            log.warning("[shard %s] attempt %d failed (%s)%s", shard_name(work.shard), work.attempt, reason,
+                        "; giving up" if final else "; retrying")  # fmt: skip
+            self.ledger.attempt_failed(work.shard, work.attempt, reason, final=final)
+            if final:
+                self.failed[work.shard] = reason
+            else:
+                self.pending.append(ShardWork(work.shard, work.attempt + 1, work.videos, work.video_ids))

@@ -1,0 +1,143 @@
+"""Run (or continue) an indexing job. Ray-free: an executor does the work, this module decides it.
+
+The job: resolve the model once, plan (or read the plan of an existing job) and write the job record,
+queue the shards to run, hand the queue to an executor (``local``: this process plus decode worker
+processes; ``ray``: model actors and decode tasks on a Ray cluster), then sum up and pick the exit code.
+Everything storage-facing happens once per phase: one listing of the output root, one listing of the
+ledger, one read of the plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from videoindex import storage
+from videoindex.config import JobConfig
+from videoindex.format.jobrecord import check_compatible, job_record, read_job, refuse_foreign_tables
+from videoindex.format.layout import JOB_FILE
+from videoindex.format.ledger import Ledger, LedgerView, committed_totals
+from videoindex.format.plans import read_plan, shard_count, write_plan
+from videoindex.job.context import JobContext, decode_settings
+from videoindex.job.queue import ShardQueue
+from videoindex.job.resume import failed_videos
+from videoindex.stages import plan as planning
+from videoindex.stages.checkpoint import ModelInfo, resolve_model
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_VIDEOS_FAILED, EXIT_JOB_FAILED = 0, 1, 2
+EXECUTORS = ("ray", "local")
+
+
+@dataclass
+class JobResult:
+    exit_code: int
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_output(config: JobConfig, info: ModelInfo, fs: Any, root: str, *, must_exist: bool
+                   ) -> tuple[pa.Table, dict[str, Any]]:  # fmt: skip
+    """Write (or check and reuse) the job record and the plan; returns the plan and the record."""
+    storage.check_output_writable(fs, root, config.output.uri)  # fail in seconds, before listing the input
+    existing = read_job(fs, root)
+    if existing is not None:
+        check_compatible(existing, config, info, config.output.uri)
+        return read_plan(fs, root), existing
+    if must_exist:
+        raise FileNotFoundError(f"{config.output.uri} has no {JOB_FILE}: nothing to resume")
+    refuse_foreign_tables(fs, root, config.output.uri)
+    plan = planning.make_plan(planning.list_inputs(config.input), config.output.shard_size)
+    # The plan first: _job.json is the marker that the job exists, so it must never point at a missing plan.
+    write_plan(fs, root, plan, config.output.shard_size)
+    record = job_record(config, info, plan.num_rows, shard_count(plan))
+    storage.write_json(fs, storage.join(root, JOB_FILE), record)
+    log.info("planned %d videos in %d shards", plan.num_rows, shard_count(plan))
+    return plan, record
+
+
+def _queue(config: JobConfig, ledger: Ledger, view: LedgerView, plan: pa.Table, shards: int, *,
+           rerun: bool, retry: str | None) -> ShardQueue:  # fmt: skip
+    queue = ShardQueue(ledger, plan, config.output.shard_size, config.execution.max_attempts)
+    committed = view.committed()
+    for shard in range(shards):
+        if rerun or shard not in committed:
+            queue.add(shard, view.state(shard).attempts + 1)
+    if retry is not None:
+        for shard, ids in failed_videos(ledger.fs, ledger.root, committed, all_errors=retry == "all").items():
+            queue.add(shard, view.state(shard).attempts + 1, ids)
+    return queue
+
+
+def executor_for(name: str) -> Any:
+    """The executor class by name; Ray is imported only when the ray executor is chosen."""
+    if name == "local":
+        from videoindex.executors.local import LocalExecutor
+
+        return LocalExecutor()
+    if name == "ray":
+        from videoindex.executors.ray_executor import RayExecutor
+
+        return RayExecutor()
+    raise ValueError(f"execution.executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
+
+
+def summarize(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Video/clip totals over committed shards' stats, and clips/s over the span they were worked on."""
+    totals, busy = committed_totals(stats)
+    return {**totals, "clips_per_s": round(totals["clips"] / busy, 3) if busy > 0 else None}
+
+
+def run_job(
+    config: JobConfig,
+    *,
+    resume: bool = False,
+    rerun: bool = False,
+    retry_failed: bool = False,
+    retry_all_errors: bool = False,
+    progress: bool | None = None,
+) -> JobResult:
+    """Run (or continue) an indexing job; returns the exit code and a summary.
+
+    resume: the OUTPUT must already hold this job. rerun: re-process committed shards too.
+    retry_failed: also re-index the failed videos of committed shards (retryable error types, or all
+    with retry_all_errors) and replace their rows.
+    """
+    started = time.time()
+    info = resolve_model(config.model, config.preprocess)
+    if info.random_weights:
+        log.warning("RANDOM WEIGHTS: %s runs with seeded random weights of the real architecture; "
+                    "labels are meaningless (recorded in _job.json and every row)", info.name)  # fmt: skip
+    fs, root = storage.filesystem(config.output.uri, config.output.storage_options)
+    plan, record = prepare_output(config, info, fs, root, must_exist=resume)
+    shards = int(record["plan"]["shards"])
+    ledger = Ledger(fs, root)
+    view = ledger.view()
+    retry = ("all" if retry_all_errors else "retryable") if (retry_failed or retry_all_errors) else None
+    queue = _queue(config, ledger, view, plan, shards, rerun=rerun, retry=retry)
+    result = JobResult(EXIT_OK, {"output": config.output.uri, "shards": shards, "shards_to_run": len(queue),
+                                 "executor": config.execution.executor})  # fmt: skip
+    if queue:
+        context = JobContext(config, info, decode_settings(config, info), config.output.uri,
+                             videos=int(record["plan"]["videos"]), shards=shards)  # fmt: skip
+        from videoindex.job.progress import JobProgress
+
+        enabled = config.execution.progress if progress is None else progress
+        with JobProgress(context.videos, shards, queue, enabled=enabled) as bar:
+            executor_for(config.execution.executor).run(context, queue, bar)
+        result.summary["failed_shards"] = dict(queue.failed)
+    committed = view.committed() | set(queue.committed)  # what earlier runs committed, and this one
+    earlier = [ledger.committed_stats_of(s) for s in sorted(committed - set(queue.committed))]
+    result.summary.update(summarize(earlier + list(queue.committed.values())))
+    result.summary["shards_committed"] = len(committed)
+    result.summary["shards_failed"] = len(queue.failed)
+    result.summary["wall_s"] = round(time.time() - started, 2)
+    if result.summary.get("failed_shards") or result.summary["shards_committed"] < shards:
+        result.exit_code = EXIT_JOB_FAILED
+    elif result.summary["videos_error"]:
+        result.exit_code = EXIT_VIDEOS_FAILED
+    return result
