@@ -1,12 +1,14 @@
-"""Long videos: decode memory stays flat, chunk after chunk, and --max-clips-per-video caps the work.
+"""Long videos: a decode worker's memory stays flat chunk after chunk, at real resolutions.
 
-    .venv/bin/python benchmarks/bench_long_video.py [--minutes 120] [--size 64x48] [--fps 25]
-        [--decoder decord] [--chunk-clips 16] [--max-clips N] [--limit-chunks N]
+    .venv/bin/python benchmarks/bench_long_video.py [--minutes 120] [--size 1280x720] [--decoder pyav]
+        [--chunk-clips 16] [--max-clips N] [--limit-chunks N]
 
-Writes a synthetic video (index frames, H.264, written with PyAV), then runs ``extract`` over every
-chunk in this process, the way one decode worker would, sampling this process's RSS every 5 ms. Prints,
-per chunk group, the decode seconds and the peak RSS, and the peak RSS of the first and the last chunks:
-flat memory means the last chunk peaks no higher than the first.
+Writes a 60 s H.264 segment (x264 defaults, the same content as bench_decode.py) and repeats its packets
+into a ``--minutes`` long video (stream copy with shifted timestamps: a 2-hour 720p file in seconds, a
+valid stream since each segment starts at a keyframe). Then runs ``decode_video`` over it in this
+process, the way one decode worker does, sampling this process's RSS every 5 ms. Prints the peak RSS of
+groups of chunks from the first to the last: flat memory means the last chunks peak no higher than the
+first.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import sys
 import tempfile
 import threading
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -25,26 +26,34 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.videogen import index_frame  # noqa: E402
+from benchmarks.bench_decode import write_test_video  # noqa: E402
 from videoindex.config import DecodeConfig, SamplingConfig  # noqa: E402
-from videoindex.extract import ExtractRequest, ExtractSettings, extract, follow_up_requests  # noqa: E402
-from videoindex.plan import VideoTask, video_id  # noqa: E402
-from videoindex.preprocess import PreprocessSpec  # noqa: E402
+from videoindex.format.plans import VideoTask  # noqa: E402
+from videoindex.stages.decode import ClipBatch, DecodeSettings, VideoEnd, VideoPlan, decode_video  # noqa: E402
+from videoindex.stages.plan import video_id  # noqa: E402
+from videoindex.stages.preprocess import PreprocessSpec  # noqa: E402
 
 
-def write_long_video(path: Path, *, frames: int, fps: int, size: tuple[int, int]) -> Path:
-    """``frames`` index frames (the code repeats every 1024 frames), 10 s GOP, ultrafast x264."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        stream.codec_context.gop_size = 10 * fps
-        stream.options = {"preset": "ultrafast", "crf": "23"}
-        pictures = [index_frame(i, size) for i in range(1024)]
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(pictures[i % 1024], format="rgb24")
-            frame.pts, frame.time_base = i, Fraction(1, fps)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+def repeat_video(segment: Path, path: Path, *, times: int) -> Path:
+    """``segment``'s packets ``times`` over, timestamps shifted: a long video without encoding it."""
+    if path.exists():
+        return path
+    with av.open(str(segment)) as inp:
+        pts = sorted(p.pts for p in inp.demux(inp.streams.video[0]) if p.size)
+    span = pts[-1] - pts[0] + (pts[-1] - pts[0]) // (len(pts) - 1)  # the segment plus one frame
+    tmp = path.with_suffix(".partial.mp4")
+    with av.open(str(tmp), "w") as out:
+        stream = None
+        for n in range(times):
+            with av.open(str(segment)) as inp:
+                source = inp.streams.video[0]
+                stream = stream or out.add_stream_from_template(source)
+                for packet in inp.demux(source):
+                    if packet.size:
+                        packet.pts, packet.dts = packet.pts + n * span, packet.dts + n * span
+                        packet.stream = stream
+                        out.mux(packet)
+    tmp.rename(path)
     return path
 
 
@@ -72,68 +81,67 @@ class PeakRSS:
         self._thread.join()
 
 
+def run(uri: str, settings: DecodeSettings, limit_chunks: int | None) -> None:
+    rss = PeakRSS()
+    base = rss.process.memory_info().rss
+    started, cpu0 = time.perf_counter(), time.process_time()
+    peaks, clips, plan, end = [], 0, None, None
+    for event in decode_video(VideoTask(uri, video_id(uri), None, None, None, 0), settings):
+        if isinstance(event, VideoPlan):
+            plan = event
+        elif isinstance(event, ClipBatch):
+            clips += len(event.clips)
+            peaks.append(rss.reset())
+            if limit_chunks is not None and len(peaks) >= limit_chunks:
+                break
+        else:
+            end = event
+    rss.stop()
+    if end is not None and not isinstance(end, VideoEnd):
+        raise SystemExit(f"decode failed: {end}")
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu0
+    mib = np.array(peaks) / 2**20
+    print(f"decoder={settings.decode.decoder} frames={plan.meta.frames} ({plan.meta.width}x{plan.meta.height}) "
+          f"clips planned={len(plan.clips)} decoded={clips} chunks={len(peaks)} "
+          f"(chunk_clips={settings.decode.chunk_clips}, max_clips_per_video={settings.sampling.max_clips_per_video})")  # fmt: skip
+    print(f"RSS before: {base / 2**20:.0f} MiB; peak RSS first chunk: {mib[0]:.0f} MiB, last chunk: {mib[-1]:.0f} "
+          f"MiB, max: {mib.max():.0f} MiB (chunk {int(mib.argmax())}), min: {mib.min():.0f} MiB")  # fmt: skip
+    for group in np.array_split(np.arange(len(peaks)), min(len(peaks), 8)):
+        print(f"  chunks {group[0]:4d}-{group[-1]:4d}: peak RSS {mib[group].max():6.0f} MiB")
+    print(f"decode {seconds:.1f} s wall, {cpu:.1f} CPU s, {cpu / max(clips, 1):.4f} CPU s per clip")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--minutes", type=float, default=120.0)
-    parser.add_argument("--size", default="64x48", help="WIDTHxHEIGHT")
-    parser.add_argument("--fps", type=int, default=25)
-    parser.add_argument("--decoder", default="decord", choices=["decord", "pyav"])
+    parser.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT")
+    parser.add_argument("--decoder", default="pyav", choices=["pyav", "decord"])
     parser.add_argument("--chunk-clips", type=int, default=16)
     parser.add_argument("--max-clips", type=int, default=None, help="sampling.max_clips_per_video")
     parser.add_argument("--limit-chunks", type=int, default=None, help="stop after N chunks")
-    parser.add_argument("--video", type=Path, default=None, help="reuse this video instead of writing one")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "videoindex-bench" / "long"
+    )
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
-    frames = int(args.minutes * 60 * args.fps)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = args.video or Path(tmp) / "long.mp4"
-        if args.video is None:
-            started = time.perf_counter()
-            write_long_video(path, frames=frames, fps=args.fps, size=(width, height))
-            print(f"wrote {frames} frames ({args.minutes:g} min, {width}x{height}) in "
-                  f"{time.perf_counter() - started:.1f} s: {path.stat().st_size / 2**20:.1f} MiB")  # fmt: skip
-        settings = ExtractSettings(
-            sampling=SamplingConfig(max_clips_per_video=args.max_clips),
-            decode=DecodeConfig(decoder=args.decoder, chunk_clips=args.chunk_clips),
-            preprocess=PreprocessSpec(),
-        )
-        run(str(path), settings, args.limit_chunks)
-
-
-def run(uri: str, settings: ExtractSettings, limit_chunks: int | None) -> None:
-    rss = PeakRSS()
-    base = rss.process.memory_info().rss
-    task = VideoTask(uri, video_id(uri), None, None, None, 0)
+    args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    first = extract(ExtractRequest(task), settings)
-    if first.error is not None:
-        raise SystemExit(f"chunk 0 failed: {first.error}")
-    peaks, seconds, clips = [rss.reset()], [time.perf_counter() - started], len(first.clips)
-    requests = follow_up_requests(first, settings.decode.chunk_clips)[
-        : None if limit_chunks is None else limit_chunks - 1
-    ]
-    first.frames = None
-    for request in requests:
-        t0 = time.perf_counter()
-        result = extract(request, settings)
-        if result.error is not None:
-            raise SystemExit(f"chunk {request.chunk} failed: {result.error}")
-        clips += len(result.clips)
-        result.frames = None
-        seconds.append(time.perf_counter() - t0)
-        peaks.append(rss.reset())
-    rss.stop()
-    mib = np.array(peaks) / 2**20
-    print(f"decoder={settings.decode.decoder} frames={first.meta.frames} clips planned={len(first.all_clips)} "
-          f"decoded={clips} chunks={len(peaks)} (chunk_clips={settings.decode.chunk_clips}, "
-          f"max_clips_per_video={settings.sampling.max_clips_per_video})")  # fmt: skip
-    print(f"RSS before: {base / 2**20:.0f} MiB; peak RSS chunk 0: {mib[0]:.0f} MiB, last chunk: {mib[-1]:.0f} "
-          f"MiB, max over chunks: {mib.max():.0f} MiB (chunk {int(mib.argmax())}), min: {mib.min():.0f} MiB")  # fmt: skip
-    groups = np.array_split(np.arange(len(peaks)), min(len(peaks), 8))
-    for group in groups:
-        print(f"  chunks {group[0]:4d}-{group[-1]:4d}: peak RSS {mib[group].max():6.0f} MiB, decode "
-              f"{np.mean(np.array(seconds)[group]):.2f} s/chunk")  # fmt: skip
-    print(f"total decode {sum(seconds):.1f} s, {clips / sum(seconds):.1f} clips/s")
+    segment = write_test_video(
+        args.workdir / f"segment-{args.size}-60s.mp4", seconds=60, size=(width, height)
+    )
+    path = repeat_video(segment, args.workdir / f"long-{args.size}-{args.minutes:g}min.mp4",
+                        times=max(1, round(args.minutes)))  # fmt: skip
+    print(
+        f"video: {path} ({path.stat().st_size / 2**20:.0f} MiB, ready in {time.perf_counter() - started:.0f} s)"
+    )
+    settings = DecodeSettings(
+        sampling=SamplingConfig(max_clips_per_video=args.max_clips),
+        decode=DecodeConfig(decoder=args.decoder, chunk_clips=args.chunk_clips),
+        preprocess=PreprocessSpec(),
+    )
+    run(str(path), settings, args.limit_chunks)
 
 
 if __name__ == "__main__":

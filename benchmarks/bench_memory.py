@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_pipeline import end_to_end, machine, tiny_model_dir  # noqa: E402
 from benchmarks.common import input_parser, markdown_table, prepare_input  # noqa: E402
 from videoindex.config import load_config  # noqa: E402
-from videoindex.runner import ray_system_config  # noqa: E402
+from videoindex.executors.ray_executor import ray_system_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -7,7 +7,7 @@
 Input: the bundled sample videos plus ``--videos`` synthetic H.264 videos of ``--seconds`` s (cached
 under ``--workdir``). Measured, all on the same input and the same sampling (sliding, stride 4):
 
-  (a) decode-only clips/s: ``extract()`` in one process, then as Ray tasks on every core;
+  (a) decode-only clips/s: ``decode_video`` in one process, then as Ray tasks on every core;
   (b) model-only clips/s of ``VideoClassifier`` at each batch size (uint8 clips in, on the device);
   (c) end-to-end clips/s of ``videoindex run`` (``run_job``) with the ``--set`` execution overrides;
   (d) a naive loop the way the model card shows it: decord, the HF image processor, one forward per clip.
@@ -29,7 +29,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +38,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import MemorySampler, cpu_seconds, markdown_table, prepare_input, timed  # noqa: E402
-from videoindex import plan  # noqa: E402
 from videoindex.config import InputConfig, JobConfig, load_config  # noqa: E402
-from videoindex.extract import (  # noqa: E402
-    ExtractRequest,
-    ExtractSettings,
-    extract,
-    extract_task,
-    follow_up_requests,
-)
-from videoindex.model import ModelInfo, VideoClassifier, resolve_model  # noqa: E402
-from videoindex.sampling import plan_clips  # noqa: E402
+from videoindex.executors.decode_worker import decode_task  # noqa: E402
+from videoindex.format.plans import VideoTask, shard_tasks  # noqa: E402
+from videoindex.job.context import decode_settings  # noqa: E402
+from videoindex.stages import plan  # noqa: E402
+from videoindex.stages.checkpoint import ModelInfo, resolve_model  # noqa: E402
+from videoindex.stages.decode import ClipBatch, DecodeSettings, decode_inline  # noqa: E402
+from videoindex.stages.model import VideoClassifier  # noqa: E402
+from videoindex.stages.sampling import plan_clips  # noqa: E402
 
 log = logging.getLogger("bench_pipeline")
 CPUS = os.cpu_count() or 1
@@ -104,48 +101,34 @@ def tiny_model_dir(workdir: Path) -> Path:
     return folder
 
 
-def extract_settings(config: JobConfig, info: ModelInfo) -> ExtractSettings:
-    return ExtractSettings(sampling=config.sampling, decode=config.decode, preprocess=info.preprocess,
-                           clip_len=info.num_frames)  # fmt: skip
-
-
-def video_tasks(folder: Path) -> list[plan.VideoTask]:
-    return plan.shard_tasks(plan.make_plan(plan.list_inputs(InputConfig(uri=str(folder))), 1_000_000))
+def video_tasks(folder: Path) -> list[VideoTask]:
+    return shard_tasks(plan.make_plan(plan.list_inputs(InputConfig(uri=str(folder))), 1_000_000))
 
 
 # ------------------------------------------------------------------------------------------- decode
 
 
-def decode_one_worker(tasks: list[plan.VideoTask], settings: ExtractSettings) -> tuple[int, float, float]:
+def decode_one_worker(tasks: list[VideoTask], settings: DecodeSettings) -> tuple[int, float, float]:
     """(clips, wall s, CPU s): every clip of every video decoded and cropped in this process, 1 thread."""
     torch.set_num_threads(1)
-    queue = deque(ExtractRequest(video=t) for t in tasks)
     clips, started, cpu = 0, time.perf_counter(), cpu_seconds()
-    while queue:
-        result = extract(queue.popleft(), settings)
-        if result.request.chunk == 0 and result.error is None:
-            queue.extend(follow_up_requests(result, settings.decode.chunk_clips))
-        clips += len(result.clips)
+    for event in decode_inline(tasks, settings):
+        clips += len(event.clips) if isinstance(event, ClipBatch) else 0
     return clips, time.perf_counter() - started, cpu_seconds() - cpu
 
 
-def decode_all_workers(tasks: list[plan.VideoTask], settings: ExtractSettings) -> tuple[int, float]:
-    """(clips, seconds): the same work as Ray tasks, one per CPU at a time; clips travel back as objects."""
+def _count_clips(video: VideoTask, settings: DecodeSettings) -> int:
+    return sum(len(e.clips) for e in decode_task(video, settings) if isinstance(e, ClipBatch))
+
+
+def decode_all_workers(tasks: list[VideoTask], settings: DecodeSettings) -> tuple[int, float]:
+    """(clips, seconds): the same work as Ray tasks, one per CPU at a time, a video per task."""
     import ray
 
-    task = ray.remote(extract_task).options(num_cpus=1)
-    ray.get([task.remote(ExtractRequest(video=t), settings) for t in tasks[:CPUS]])  # start the workers
-    pending = {task.remote(ExtractRequest(video=t), settings) for t in tasks}
-    clips, started = 0, time.perf_counter()
-    while pending:
-        ready, rest = ray.wait(list(pending), num_returns=1)
-        pending = set(rest)
-        result = ray.get(ready[0])
-        if result.request.chunk == 0 and result.error is None:
-            pending |= {
-                task.remote(r, settings) for r in follow_up_requests(result, settings.decode.chunk_clips)
-            }
-        clips += len(result.clips)
+    task = ray.remote(_count_clips).options(num_cpus=1)
+    ray.get([task.remote(t, settings) for t in tasks[:CPUS]])  # start the workers
+    started = time.perf_counter()
+    clips = sum(ray.get([task.remote(t, settings) for t in tasks]))
     return clips, time.perf_counter() - started
 
 
@@ -234,7 +217,7 @@ def mean_rates(
 
 def end_to_end(config: JobConfig) -> dict[str, Any]:
     """Run the job on a fresh local Ray; clips/s over the actors' busy span and over the whole call."""
-    from videoindex.runner import run_job
+    from videoindex.job.run import run_job
 
     shutil.rmtree(config.output.uri, ignore_errors=True)
     cpu = cpu_seconds()
@@ -329,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = tiny_model_dir(args.workdir) if args.model == "tiny" else None
     config = job_config(args, folder, args.workdir / "output", model_dir)
     info = resolve_model(config.model, config.preprocess)
-    settings = extract_settings(config, info)
+    settings = decode_settings(config, info)
     tasks = video_tasks(folder)
     skip = set(filter(None, args.skip.split(",")))
     device = "cuda" if config.model.device != "cpu" and torch.cuda.is_available() else "cpu"
@@ -350,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         r["naive_runs"] = [timed_naive(tasks, info, config, half)]
     import ray
 
-    from videoindex.runner import ray_system_config
+    from videoindex.executors.ray_executor import ray_system_config
 
     ray.init(address="local", num_cpus=CPUS, include_dashboard=False, logging_level="WARNING",
              log_to_driver=False, _system_config=ray_system_config())  # fmt: skip

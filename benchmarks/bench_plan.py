@@ -18,7 +18,8 @@ import psutil
 
 from videoindex import storage
 from videoindex.config import InputConfig
-from videoindex.plan import list_inputs, make_plan, read_plan, write_plan
+from videoindex.format.plans import read_plan, write_plan
+from videoindex.stages.plan import list_inputs, make_plan
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.synthetic_index import write_synthetic_index  # noqa: E402
-from videoindex import schema  # noqa: E402
+from videoindex.format import layout  # noqa: E402
 from videoindex.query import _matrix, open_index  # noqa: E402
 
 READS: Counter[str] = Counter()  # bytes read, per table
@@ -38,7 +38,7 @@ READS: Counter[str] = Counter()  # bytes read, per table
 
 def _table_of(path: str) -> str:
     parts = path.split("/")
-    return next((p for p in parts if p in schema.TABLES), "other")
+    return next((p for p in parts if p in layout.TABLES), "other")
 
 
 class CountingFile(LocalFileOpener):
@@ -63,7 +63,7 @@ class CountingFileSystem(LocalFileSystem):
 
 
 def table_bytes(root: Path) -> dict[str, int]:
-    return {t: sum(p.stat().st_size for p in (root / t).rglob("*.parquet")) for t in schema.TABLES}
+    return {t: sum(p.stat().st_size for p in (root / t).rglob("*.parquet")) for t in layout.TABLES}
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_pipeline import tiny_model_dir  # noqa: E402
 from benchmarks.common import input_parser, markdown_table, prepare_input  # noqa: E402
 from videoindex.config import load_config  # noqa: E402
-from videoindex.runner import ray_system_config  # noqa: E402
+from videoindex.executors.ray_executor import ray_system_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_once(args: argparse.Namespace, folder: Path, actors: int, address: str) -> dict[str, Any]:
-    from videoindex.runner import run_job
+    from videoindex.job.run import run_job
 
     output = args.workdir / f"scaling-{actors}"
     shutil.rmtree(output, ignore_errors=True)

@@ -100,14 +100,14 @@ def _shmem_bytes(pid: int) -> int:
 
 
 def _role(proc: psutil.Process) -> str | None:
-    """Ray names its worker processes after what they run (``ray::ModelActor.index``, ``ray::extract_task``)."""
+    """Ray names its worker processes after what they run (``ray::ModelActor.index``, ``ray::decode_task``)."""
     try:
         title = " ".join(proc.cmdline()[:1])
     except (psutil.Error, OSError):
         return None
     if "ModelActor" in title:
         return "actor"
-    if "extract_task" in title or "warm_decode_worker" in title:
+    if "decode_task" in title or "_warm_up_held" in title:
         return "decode"
     if title.startswith("ray::"):
         return "idle"

@@ -1,0 +1,80 @@
+"""Fixed cost of a job: a 1-clip job with each executor against the Ray floor, measured in one run.
+
+    .venv/bin/python benchmarks/bench_fixed_cost.py [--model full|tiny] [--repeat 3]
+
+Each figure is the wall time of a fresh process, as a user pays it:
+
+- ``ray floor``: ``python -c "import ray; ray.init(); ray.shutdown()"``
+- ``ray job``: ``videoindex run ONE_VIDEO OUT --executor ray --max-clips-per-video 1`` (local Ray)
+- ``local job``: the same with ``--executor local`` (no Ray)
+
+Goals (issue 17): ray job <= ray floor + 5 s; local job <= 6 s. The model is the default checkpoint's
+architecture with seeded random weights (``--model full``) or the tests' tiny VideoMAE (``--model tiny``).
+Runs alternate (floor, ray, local) so a machine that speeds up or slows down affects all three alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VIDEO = REPO / "videoindex" / "samples" / "carphone_pristine.mp4"
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=("full", "tiny"), default="full")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="videoindex-fixed-"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    (work / "in").mkdir()
+    shutil.copy(VIDEO, work / "in" / VIDEO.name)
+    if args.model == "tiny":
+        sys.path.insert(0, str(REPO))
+        from tests.tinymodel import make_tiny_videomae
+
+        model = ["--model", str(make_tiny_videomae(work / "tiny"))]
+    else:
+        model = ["--random-weights"]
+    floor_cmd = [sys.executable, "-c", "import ray; ray.init(); ray.shutdown()"]
+    times: dict[str, list[float]] = {"ray floor": [], "ray job": [], "local job": []}
+    for n in range(args.repeat):
+        times["ray floor"].append(_timed(floor_cmd, env))
+        for executor in ("ray", "local"):
+            out = work / f"out-{executor}-{n}"
+            cmd = [sys.executable, "-m", "videoindex.cli", "run", str(work / "in"), str(out), *model,
+                   "--executor", executor, "--max-clips-per-video", "1", "--no-progress"]  # fmt: skip
+            times[f"{executor} job"].append(_timed(cmd, env))
+    shutil.rmtree(work, ignore_errors=True)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"model {args.model}, {args.repeat} alternating runs, wall seconds of a fresh process (median; all runs)"
+    )
+    for key, values in times.items():
+        print(f"  {key:<10} {median[key]:6.2f}   ({', '.join(f'{v:.2f}' for v in values)})")
+    print(f"  ray job - ray floor = {median['ray job'] - median['ray floor']:.2f} s (goal <= 5)")
+    print(f"  local job           = {median['local job']:.2f} s (goal <= 6)")
+
+
+if __name__ == "__main__":
+    main()
