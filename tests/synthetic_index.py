@@ -17,14 +17,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from videoindex import storage
 from videoindex.format import layout, schemas
-from videoindex.format.ledger import Ledger
-from videoindex.format.tables import parquet_bytes
+from videoindex.format.ledger import TOTAL_KEYS, Ledger, attempt_key
+from videoindex.format.tables import parquet_bytes, stats_from_tables
 
 MODEL_TAG = "synthetic-videomae@seeded"
+RUN = 1_700_000_000_000  # the ledger run that "wrote" the index
 TOP_K = 5
 FPS = 30.0
 CLIP_SECONDS = 16 / FPS  # 16 sampled frames, stride 1 for simplicity
@@ -260,6 +260,8 @@ def write_synthetic_index(
     fs: Any = None,
     uncommitted_shards: tuple[int, ...] = (),
     error_videos: int = 0,
+    checkpoint: bool = True,
+    counts_only: bool = False,
 ) -> dict[str, Any]:
     """Write an OUTPUT at `root` (a URI, or a path inside `fs`); returns counts and known ids.
 
@@ -297,9 +299,12 @@ def write_synthetic_index(
             _write(fs, storage.join(root, layout.table_file(name, s)), table, metadata, size)
         if s in committed:
             clips += tables["clips"].num_rows
-            n, ok = tables["videos"].num_rows, pc.sum(pc.equal(tables["videos"]["status"], "ok")).as_py() or 0
-            stats = {"videos": n, "videos_ok": ok, "videos_error": n - ok, "clips": tables["clips"].num_rows}
-            ledger.commit(s, {"shard": s, **stats})
+            stats = {"shard": s, "attempt": 1, **stats_from_tables(tables)}
+            if counts_only:  # as videoindex 0.1 wrote them: readers must read the tables
+                stats = {k: v for k, v in stats.items() if k in ("shard", "attempt", *TOTAL_KEYS)}
+            ledger.event(attempt_key(RUN, s + 1), s, 1, "committed", stats)
+    if checkpoint:  # as a finished run leaves it: readers start from the checkpoint
+        ledger.write_checkpoint(ledger.view())
     visible = [v for v in plan if v["shard"] in committed]
     return {
         "root": root,

@@ -25,7 +25,15 @@ def test_run_then_status(ray_session, tiny_model_dir, sample_videos, tmp_path, c
     assert "videos_ok         2" in printed and f"{out}/clips" in printed
     assert main(["status", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["shards"] == {"total": 2, "committed": 2, "running": 0, "failed": 0, "pending": 0}
+    assert report["shards"] == {
+        "total": 2,
+        "committed": 2,
+        "running": 0,
+        "stalled": 0,
+        "failed": 0,
+        "pending": 0,
+    }
+    assert report["job"]["state"] == "finished" and "continue_with" not in report["job"]
     assert report["videos_ok"] == 2 and report["clips"] > 0
     assert main(["status", str(out)]) == 0
     assert "2/2 committed" in capsys.readouterr().out

@@ -91,16 +91,13 @@ def _run_in_thread(config) -> tuple[threading.Thread, dict]:
 
 
 def _wait_started(output: Path, *, timeout: float = 120, nodes: set[str] | None = None) -> dict:
-    """The first attempt record of a shard that is running and not yet committed (on one of ``nodes``)."""
+    """The started record of a shard attempt that is running (on one of ``nodes``), from the ledger."""
     fs, root = storage.filesystem(str(output))
     deadline = time.time() + timeout
     while time.time() < deadline:
-        ledger = Ledger(fs, root)
-        committed = ledger.view().committed()
-        for record in ledger.attempt_records():
-            running = record["event"] == "started" and record["shard"] not in committed
-            if running and (nodes is None or record["node"] in nodes):
-                return record
+        for shard, state in Ledger(fs, root).view().running().items():
+            if nodes is None or state.running.get("node") in nodes:
+                return {**state.running, "shard": shard}
         time.sleep(0.2)
     raise AssertionError("no shard started in time")
 

@@ -84,11 +84,10 @@ def test_schema_metadata_and_three_readers(tiny_model_dir, sample_videos, tmp_pa
         str(sample_videos), output, tiny_model_dir, **{"output.clips_row_group_size": 3}
     )
     assert run_job(config).exit_code == 0
-    for path in output.rglob("*.parquet"):  # every table file says how to read it, without _job.json
-        if "_plan" not in path.parts:
-            meta = pq.read_schema(path).metadata
-            assert meta[b"videoindex.schema_version"] == b"1", path
-            assert json.loads(meta[b"videoindex.label_map"]) == {str(i): f"label_{i}" for i in range(7)}, path
+    for path in [p for t in ("clips", "videos", "errors") for p in (output / t).rglob("*.parquet")]:
+        meta = pq.read_schema(path).metadata  # every table file says how to read it, without _job.json
+        assert meta[b"videoindex.schema_version"] == b"1", path
+        assert json.loads(meta[b"videoindex.label_map"]) == {str(i): f"label_{i}" for i in range(7)}, path
     clip_file = next((output / "clips").rglob("*.parquet"))
     parquet = pq.ParquetFile(clip_file)  # row groups of clips_row_group_size, with min/max statistics
     assert parquet.metadata.num_rows == 7 and [parquet.metadata.row_group(g).num_rows for g in range(3)] == [
@@ -130,7 +129,7 @@ def test_schema_metadata_and_three_readers(tiny_model_dir, sample_videos, tmp_pa
     status = job_status(str(output))
     assert status["shards"]["committed"] == status["shards"]["total"] == 1
     assert status["clips"] == arrow.num_rows
-    (stats_file,) = (output / "_ledger" / "committed").glob("*.json")
+    (stats_file,) = (output / "_ledger" / "log").glob("*.committed.json")
     stats = json.loads(stats_file.read_text())
     assert stats["decode_tasks"] == 2  # one decode per video, whatever its number of chunks
     assert 0 <= stats["decode_cold_starts"] <= stats["decode_tasks"]
@@ -217,7 +216,8 @@ def test_tables_match_plain_transformers_path(sample_videos, tmp_path):
 
 def test_failing_shard_gets_max_attempts_in_every_run(tiny_model_dir, sample_videos, tmp_path):
     """A crash between writing the plan and _job.json leaves a lone _plan/: a new run takes the output.
-    A shard that keeps failing gets execution.max_attempts tries per run, then commits once repaired."""
+    A shard that keeps failing gets execution.max_attempts tries per run (its old commit withdrawn: readers
+    never see a half-rewritten shard), then commits once repaired."""
     from videoindex import storage
     from videoindex.format.ledger import Ledger
 
@@ -227,17 +227,16 @@ def test_failing_shard_gets_max_attempts_in_every_run(tiny_model_dir, sample_vid
     config = small_job_config(str(sample_videos), output, tiny_model_dir, **{"execution.max_attempts": 2})
     assert run_job(config).exit_code == 0
     clean = table_hashes(output)
-
     ledger = Ledger(*storage.filesystem(str(output)))
-    ledger.uncommit(0)
     partition = output / "clips" / "shard=00000"
     shutil.rmtree(partition)
     partition.write_text("")  # a file where the shard's folder goes: its files can no longer be written
     for run in (1, 2):
-        result = run_job(config, resume=True)
+        result = run_job(config, rerun=True)
         assert result.exit_code == 2 and 0 in result.summary["failed_shards"]
-        failed = [a for a in ledger.attempt_records() if a.get("event") == "failed"]
-        assert len(failed) == 2 * run, failed  # two tries in each run, not one after the first run
+        state = ledger.view().state(0)
+        assert (state.status, state.failed_attempts) == ("failed", 2 * run)  # two tries per run, not one
+        assert "shard=00000" in state.last_failure
     partition.unlink()
     assert run_job(config, resume=True).exit_code == 0
     assert table_hashes(output) == clean

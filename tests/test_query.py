@@ -358,3 +358,22 @@ def test_readers_load_no_decoder_no_torch_no_ray(built) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_answers_from_shard_stats_equal_answers_from_the_tables(tmp_path: Path) -> None:
+    """summary, labels and errors come from the ledger's shard stats; an index whose stats hold only counts
+    (written by videoindex 0.1) is answered from the tables, with the same result."""
+    answers = []
+    for counts_only in (False, True):
+        root = tmp_path / f"index-{counts_only}"
+        write_synthetic_index(
+            str(root), **SMALL, uncommitted_shards=(2,), error_videos=6, counts_only=counts_only
+        )
+        with open_index(str(root)) as index:
+            assert (index._summary_from_stats() is None) is counts_only
+            answers.append([index.summary(), index.labels("clip", 5), index.labels("video"), index.errors()])
+    for from_stats, from_tables in zip(*answers, strict=True):
+        assert from_stats.column_names == from_tables.column_names
+        for name in from_stats.column_names:
+            a, b = from_stats[name].to_pylist(), from_tables[name].to_pylist()
+            assert a == pytest.approx(b) if isinstance(a[0], float) else a == b, name

@@ -101,9 +101,10 @@ def test_s3_to_s3_job_resume_status_query_without_leaking_secrets(tiny_model_dir
     assert status["shards"]["committed"] == status["shards"]["total"] == 2
     assert status["videos"] == 4 and status["clips"] == 4
 
-    # resume: shard 1 lost its marker and files (a driver died mid-shard); only shard 1 runs again
+    # resume: as if the driver died while shard 1 was being written (its files, its commit event and the
+    # run's closing checkpoint never made it); only shard 1 runs again
     for path in out.find(f"{OUT}/job"):
-        if "shard=00001/" in path or path.endswith("committed/shard-00001.json"):
+        if "shard=00001/" in path or path.endswith(".s00001.a01.committed.json") or "/checkpoints/" in path:
             out.rm_file(path)
     resumed = run_job(config, resume=True)
     assert resumed.summary["shards_to_run"] == 1 and resumed.summary["shards_committed"] == 2
@@ -326,3 +327,43 @@ def test_the_container_index_is_read_once_however_long_the_video(s3, tmp_path, m
         gets, read = proxy.reads_of("long.mp4")
     assert isinstance(events[-1], VideoEnd), events[-1]
     assert (read, gets) == (size, -(-size // 2**19))  # every block fetched once
+
+
+def _requests(proxy: FlakyProxy, argv: list[str]) -> int:
+    """Requests one `videoindex` command sends (it must succeed)."""
+    from videoindex.cli import main
+
+    before = len(proxy.log)
+    assert main(argv) == 0, argv
+    return len(proxy.log) - before
+
+
+def test_bookkeeping_requests_do_not_grow_with_the_shards(s3, tiny_model_dir, tmp_path, capsys):
+    """Jobs of 6 and of 24 one-video shards on S3: status, query summary and a resume with nothing to do
+    send the same number of requests for both (at most 40), counted at a proxy in front of the server."""
+    from tests.videogen import write_index_video
+
+    video = write_index_video(tmp_path / "v.mp4", frames=3)
+    admin = s3.fs()
+    admin.mkdir(IN)
+    admin.mkdir(OUT)
+    counts = {}
+    for shards in (6, 24):
+        for i in range(shards):
+            admin.put_file(str(video), f"{IN}/n{shards}/v{i:03d}.mp4")
+        with FlakyProxy(s3.url) as proxy:
+            options = s3_options(proxy.url)
+            output = f"s3://{OUT}/n{shards}"
+            config = small_job_config(f"s3://{IN}/n{shards}/", output, tiny_model_dir, **{
+                "input.storage_options": options, "output.storage_options": options, "output.shard_size": 1})  # fmt: skip
+            assert run_job(config).exit_code == 0
+            flags = ["--storage-option", f"client_kwargs={json.dumps({'endpoint_url': proxy.url})}"]
+            counts[shards] = {
+                "status": _requests(proxy, ["status", output, *flags]),
+                "query summary": _requests(proxy, ["query", output, "summary", *flags]),
+                "resume": _requests(proxy, ["resume", output, "--no-progress", *flags]),
+            }
+        capsys.readouterr()
+    print(counts)
+    assert counts[6] == counts[24], counts
+    assert max(counts[24].values()) <= 40, counts

@@ -131,6 +131,8 @@ class ExecutionConfig:
     batch_size: int | None = None  # None: 16 on CUDA, 1 on CPU (fastest per clip there)
     torch_threads: int | None = None  # None: the actor's num_cpus rounded up, at least 1
     max_attempts: int = 3  # per shard, for infrastructure failures (actor or node lost)
+    heartbeat_s: float = 30.0  # a running shard attempt and the driver renew their ledger record this often
+    checkpoint_every: int = 1000  # committed shards between ledger checkpoints (and one at the end of a run)
     progress: bool = True
 
 
@@ -272,6 +274,8 @@ def validate(config: JobConfig) -> None:
         (x.actors is None or x.actors >= 1, "execution.actors must be >= 1"),
         (x.batch_size is None or x.batch_size >= 1, "execution.batch_size must be >= 1"),
         (x.max_attempts >= 1, "execution.max_attempts must be >= 1"),
+        (x.heartbeat_s > 0, "execution.heartbeat_s must be > 0 seconds"),
+        (x.checkpoint_every >= 1, "execution.checkpoint_every must be >= 1 shard"),
         (x.decode_in_flight >= 1, "execution.decode_in_flight must be >= 1"),
         (x.decode_chunks_ahead >= 1, "execution.decode_chunks_ahead must be >= 1"),
         (x.decode_workers is None or x.decode_workers >= 1, "execution.decode_workers must be >= 1"),

@@ -92,7 +92,8 @@ class Index:
         self.fs, self.root, self.uri, self.job = fs, root, uri, job
         self.model: dict[str, Any] = job.get("model", {})
         self.id2label = {int(k): v for k, v in self.model.get("id2label", {}).items()}
-        self.committed = sorted(Ledger(fs, root).view().committed())
+        self.ledger = Ledger(fs, root).view()  # the latest checkpoint and the log after it
+        self.committed = sorted(self.ledger.committed())
         self._arrow_fs = _arrow_filesystem(fs)
         self._datasets: dict[str, ds.Dataset] = {}
         self._con: duckdb.DuckDBPyConnection | None = None
@@ -161,8 +162,31 @@ class Index:
         """Any DuckDB SQL over the views clips, videos and errors."""
         return self._query(query)
 
+    def _shard_stats(self, key: str) -> list[dict[str, Any]] | None:
+        """Every committed shard's stats, when all of them carry ``key`` (written by videoindex >= 0.2):
+        answers from the ledger, without opening a table file. None: read the tables instead."""
+        stats = self.ledger.committed_stats()
+        if len(stats) != len(self.committed) or any(key not in s for s in stats):
+            return None
+        return stats
+
+    def _summary_from_stats(self) -> dict[str, Any] | None:
+        stats = self._shard_stats("clip_labels")
+        if stats is None:
+            return None
+        seen = {label for s in stats for label in s["clip_labels"]}
+        return {"videos": sum(s["videos"] for s in stats), "videos_ok": sum(s["videos_ok"] for s in stats),
+                "videos_error": sum(s["videos_error"] for s in stats), "clips": sum(s["clips"] for s in stats),
+                "hours": sum(s["duration_s_ok"] for s in stats) / 3600.0, "labels_seen": len(seen)}  # fmt: skip
+
     def summary(self) -> pa.Table:
-        """One row: what the index holds and which model produced it."""
+        """One row: what the index holds and which model produced it (from the ledger's shard stats)."""
+        model = {"model": self.model.get("tag"), "random_weights": bool(self.model.get("random_weights"))}
+        shards = {"shards_committed": len(self.committed), "shards_total": self.shards_total}
+        counts = self._summary_from_stats()
+        if counts is not None:
+            labels_seen = {"labels_seen": counts.pop("labels_seen")}
+            return pa.Table.from_pylist([{**counts, **model, **labels_seen, **shards}])
         counts = self._query(
             "SELECT * FROM (SELECT count(*) AS videos, count(*) FILTER (WHERE status = 'ok') AS videos_ok, "
             "count(*) FILTER (WHERE status = 'error') AS videos_error FROM videos), "
@@ -170,8 +194,6 @@ class Index:
             "(SELECT coalesce(sum(duration_s) FILTER (WHERE status = 'ok'), 0) / 3600.0 AS hours FROM videos), "
             "(SELECT count(DISTINCT label) AS labels_seen FROM clips)"
         ).to_pylist()[0]
-        model = {"model": self.model.get("tag"), "random_weights": bool(self.model.get("random_weights"))}
-        shards = {"shards_committed": len(self.committed), "shards_total": self.shards_total}
         labels_seen = {"labels_seen": counts.pop("labels_seen")}
         row = {**counts, **model, **labels_seen, **shards}
         return pa.Table.from_pylist([row])
@@ -180,15 +202,26 @@ class Index:
         """Label counts and shares, most frequent first (video level: ok videos' labels)."""
         if level not in ("clip", "video"):
             raise QueryError(f"level must be 'clip' or 'video', not {level!r}")
+        limit = _positive(top, "top") if top is not None else None
+        stats = self._shard_stats(f"{level}_labels")
+        if stats is not None and self.id2label:
+            counts: dict[str, int] = {}
+            for shard in stats:
+                for label_id, n in shard[f"{level}_labels"].items():
+                    name = self.id2label[int(label_id)]
+                    counts[name] = counts.get(name, 0) + n
+            total = sum(counts.values())
+            rows = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
+            return pa.table({"label": [r[0] for r in rows], "count": pa.array([r[1] for r in rows], pa.int64()),
+                             "share": [r[1] / total for r in rows]})  # fmt: skip
         inner = {
             "clip": "SELECT label, count(*) AS count FROM clips GROUP BY label",
             "video": "SELECT label, count(*) AS count FROM videos "
             "WHERE status = 'ok' AND label IS NOT NULL GROUP BY label",
         }[level]
-        limit = f" LIMIT {_positive(top, 'top')}" if top is not None else ""
         return self._query(
             f"SELECT label, count, count / sum(count) OVER () AS share FROM ({inner}) "
-            f"ORDER BY count DESC, label{limit}"
+            f"ORDER BY count DESC, label{f' LIMIT {limit}' if limit else ''}"
         )
 
     def matching_labels(self, text: str) -> list[str]:
@@ -289,6 +322,21 @@ class Index:
 
         ``retryable``: ``videoindex resume --retry-failed`` retries these by default (errors.py).
         """
+        stats = self._shard_stats("errors")
+        if stats is not None:
+            found: dict[str, dict[str, Any]] = {}
+            for shard in stats:
+                for kind, entry in shard["errors"].items():
+                    merged = found.setdefault(kind, {"count": 0, "examples": []})
+                    merged["count"] += entry["count"]
+                    merged["examples"] = sorted(merged["examples"] + entry["examples"])[:3]
+            rows = sorted(found.items(), key=lambda item: (-item[1]["count"], item[0]))
+            return pa.table({
+                "error_type": pa.array([k for k, _ in rows], pa.string()),
+                "count": pa.array([e["count"] for _, e in rows], pa.int64()),
+                "retryable": pa.array([k in RETRYABLE_ERROR_TYPES for k, _ in rows], pa.bool_()),
+                "example_uris": pa.array([e["examples"] for _, e in rows], pa.list_(pa.string())),
+            })  # fmt: skip
         retryable = ", ".join(f"'{t}'" for t in RETRYABLE_ERROR_TYPES)
         return self._query(
             "SELECT coalesce(error_type, 'unknown') AS error_type, count(*) AS count, "

@@ -35,7 +35,6 @@ import pyarrow.compute as pc
 
 from videoindex.config import SECRET_KEY_PARTS, ConfigError, parse_storage_options
 from videoindex.format import schemas
-from videoindex.format.ledger import Ledger
 from videoindex.format.thumbnails import thumbnail_jpeg
 from videoindex.query import Index, QueryError, _matrix, _one_line, open_index
 
@@ -76,7 +75,7 @@ def render_report(
 
 def build_context(index: Index, *, sample_videos: int, neighbours: int, seed: int) -> dict[str, Any]:
     """Everything the template shows, from the committed tables and commit markers of `index`."""
-    stats = sorted(Ledger(index.fs, index.root).committed_stats(), key=lambda s: s.get("shard", 0))
+    stats = sorted(index.ledger.committed_stats(), key=lambda s: s.get("shard", 0))
     summary = index.summary().to_pylist()[0]
     timing = _timing(stats)
     videos = _sample_videos(index, sample_videos, seed)

@@ -209,6 +209,32 @@ def list_names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     return with_retries(_find, what=f"list {path}")
 
 
+def list_after(fs: fsspec.AbstractFileSystem, path: str, start_after: str = "") -> list[str]:
+    """File names directly under ``path`` that sort after ``start_after``, sorted; [] if it does not exist.
+
+    S3 lists from that point on (ListObjectsV2 StartAfter: one request per 1,000 names after it, however
+    many come before); a local directory is scanned; other stores list the whole prefix and filter.
+    """
+    if type(fs).__name__ == "S3FileSystem":
+        return with_retries(lambda: _s3_list_after(fs, path, start_after), what=f"list {path}")
+    names = [n for n in list_names(fs, path) if "/" not in n]
+    return [n for n in names if n > start_after]
+
+
+def _s3_list_after(fs: Any, path: str, start_after: str) -> list[str]:
+    bucket, _, key = fs._strip_protocol(path).partition("/")
+    prefix = key.rstrip("/") + "/"
+    names, token = [], None
+    while True:
+        kwargs = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/"}
+        kwargs.update({"ContinuationToken": token} if token else {"StartAfter": prefix + start_after})
+        page = fs.call_s3("list_objects_v2", **kwargs)
+        names += [item["Key"][len(prefix) :] for item in page.get("Contents", [])]
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated"):
+            return sorted(names)
+
+
 def bucket_of(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
     """The bucket (container) of a path on an object store; None on local and other filesystems."""
     if is_local(fs) or getattr(fs, "root_marker", "/") != "":

@@ -1,43 +1,105 @@
-"""Shard lifecycle on storage: attempts, commit markers, final failures.
+"""Shard lifecycle on storage: an append-only log of attempt events, checkpoints of it, and run heartbeats.
 
-A shard is pending -> running (attempt, actor, node) -> committed | failed. The commit marker
-``_ledger/committed/shard-NNNNN.json`` (holding the shard's stats) is written after all of the shard's
-table files, so a reader that trusts only committed shards never sees a half-written one. Everything
-here is found with one listing of ``_ledger/``: no per-video probing of storage.
+A shard is pending -> running (attempt, actor, node, heartbeat) -> committed | failed. Under OUTPUT::
+
+    _ledger/log/{key}.s{shard}.a{attempt}.{event}.json   started | uncommitted | committed | failed
+    _ledger/checkpoints/{position}.parquet               every shard's settled state, written now and then
+    _ledger/runs/{run}.json                              a run of the job: its driver's heartbeat
+
+``key`` = ``{run}-{seq}``: ``run`` is when the run started (ms, above every earlier run), ``seq`` the order
+the driver handed out attempts, so an attempt's events sort together and after everything the attempts
+before it wrote. The commit event (holding the shard's stats) is written after all of the shard's table
+files, so a reader that trusts only committed shards never sees a half-written one; log events are the
+source of truth. A checkpoint holds each shard's state after its finished attempts, and its ``position``
+is the key of the first attempt still unfinished when it was written: a reader takes the latest
+checkpoint and lists only the log entries after its position (S3: one request per 1,000 names), so
+status, query and resume cost a bounded number of requests however many shards the job has. A missing or
+damaged checkpoint falls back to a listing of the whole log, with a warning.
+
+A running attempt renews its ``started`` event every heartbeat interval (one small write, no listing);
+readers call it stalled when its heartbeat is older than ``STALLED_AFTER`` intervals.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import re
+import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from videoindex import storage
-from videoindex.format.layout import LEDGER_DIR, shard_name
+from videoindex.format.layout import LEDGER_DIR
 
 log = logging.getLogger(__name__)
 
 TOTAL_KEYS = ("videos", "videos_ok", "videos_error", "clips")
-_ENTRY = re.compile(r"^(committed|failed|attempts)/shard-(\d+)(?:\.a(\d+)\.(started|failed))?\.json$")
+EVENTS = ("started", "uncommitted", "committed", "failed")
+LOG, CHECKPOINTS, RUNS = "log", "checkpoints", "runs"
+STALLED_AFTER = 3  # heartbeat intervals without a renewal before an attempt counts as stalled
+KEEP_CHECKPOINTS = 2
+V1_KEY = "0" * 13 + "-" + "0" * 7  # events of outputs written before the log (videoindex < 0.2) sort first
+_NAME = re.compile(r"^(\d{13}-\d{7})\.s(\d+)\.a(\d+)\.(started|uncommitted|committed|failed)\.json$")
+_V1 = re.compile(r"^(committed|failed|attempts)/shard-(\d+)(?:\.a(\d+)\.(started|failed))?\.json$")
+
+
+def attempt_key(run: int, seq: int) -> str:
+    return f"{run:013d}-{seq:07d}"
+
+
+def event_name(key: str, shard: int, attempt: int, event: str) -> str:
+    return f"{key}.s{shard:05d}.a{attempt:02d}.{event}.json"
 
 
 @dataclass
 class ShardState:
-    """What the ledger says of one shard."""
+    """What the ledger says of one shard: its settled state, and the attempt running now (if any)."""
 
     shard: int
-    status: str = "pending"  # pending | running | committed | failed
+    committed: bool = False
+    final_failure: bool = False
     attempts: int = 0
     failed_attempts: int = 0
+    last_failure: str | None = None
+    stats: dict[str, Any] | None = None  # the committed attempt's stats
+    applied_key: str = ""  # the key of the last finished attempt folded in
+    running: dict[str, Any] | None = None  # the unfinished attempt's started record (+ "key", "uncommitted")
+
+    @property
+    def status(self) -> str:
+        """committed | running | failed | pending (a retry of a committed shard leaves it committed until
+        the retry withdraws the old files)."""
+        if self.committed and not (self.running and self.running.get("uncommitted")):
+            return "committed"
+        if self.running is not None:
+            return "running"
+        return "failed" if self.final_failure else "pending"
+
+    def heartbeat_age(self, now: float) -> float | None:
+        if self.running is None:
+            return None
+        return now - float(self.running.get("heartbeat_at") or self.running.get("started_at") or now)
+
+
+@dataclass
+class _Attempt:
+    key: str
+    shard: int
+    attempt: int
+    events: dict[str, dict[str, Any]] = field(default_factory=dict)  # event -> record
 
 
 @dataclass
 class LedgerView:
-    """One listing of the ledger, parsed."""
+    """The ledger as of one read: a checkpoint and the log entries after its position."""
 
     shards: dict[int, ShardState] = field(default_factory=dict)
+    position: str = ""  # log entries after this key were read
+    last_key: str = ""  # the highest key seen
 
     def state(self, shard: int) -> ShardState:
         return self.shards.setdefault(shard, ShardState(shard))
@@ -48,9 +110,84 @@ class LedgerView:
     def failed(self) -> set[int]:
         return {s for s, st in self.shards.items() if st.status == "failed"}
 
+    def running(self) -> dict[int, ShardState]:
+        return {s: st for s, st in self.shards.items() if st.running is not None}
+
+    def committed_stats(self) -> list[dict[str, Any]]:
+        return [st.stats for st in self.shards.values() if st.status == "committed" and st.stats is not None]
+
+    def apply(self, attempt: _Attempt) -> None:
+        """Fold one attempt's events in (attempts in key order; those a checkpoint holds are skipped)."""
+        state = self.state(attempt.shard)
+        self.last_key = max(self.last_key, attempt.key)
+        if attempt.key <= state.applied_key:
+            return
+        state.attempts = max(state.attempts, attempt.attempt)
+        events = attempt.events
+        if "committed" not in events and "failed" not in events:  # unfinished: not settled
+            if "started" in events or "uncommitted" in events:
+                record = dict(events.get("started") or {})
+                state.running = {**record, "key": attempt.key, "attempt": attempt.attempt,
+                                 "uncommitted": "uncommitted" in events}  # fmt: skip
+            return
+        state.applied_key, state.running = attempt.key, None
+        if "uncommitted" in events:
+            state.committed = False
+        if "committed" in events:
+            state.committed, state.stats, state.final_failure = True, events["committed"], False
+        if "failed" in events:
+            failure = events["failed"]
+            state.failed_attempts += 1
+            state.last_failure = failure.get("reason")
+            state.final_failure = bool(failure.get("final")) and not state.committed
+
+    def checkpoint_position(self) -> str:
+        """The first unfinished attempt's key, or just past the last key when none is unfinished."""
+        unfinished = [st.running["key"] for st in self.shards.values() if st.running is not None]
+        if unfinished:
+            return min(unfinished)
+        return self.last_key + "~" if self.last_key else ""  # "~" sorts after the key's own events
+
+
+CHECKPOINT_COLUMNS = ("shard", "committed", "final_failure", "attempts", "failed_attempts", "last_failure",
+                      "stats", "applied_key")  # fmt: skip
+
+
+def _checkpoint_bytes(view: LedgerView) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    states = sorted(view.shards.values(), key=lambda s: s.shard)
+    table = pa.table({
+        "shard": pa.array([s.shard for s in states], pa.int32()),
+        "committed": [s.committed for s in states],
+        "final_failure": [s.final_failure for s in states],
+        "attempts": pa.array([s.attempts for s in states], pa.int32()),
+        "failed_attempts": pa.array([s.failed_attempts for s in states], pa.int32()),
+        "last_failure": pa.array([s.last_failure for s in states], pa.string()),
+        "stats": pa.array([json.dumps(s.stats, sort_keys=True) if s.stats else None for s in states], pa.string()),
+        "applied_key": [s.applied_key for s in states],
+    })  # fmt: skip
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _view_from_checkpoint(data: bytes, position: str) -> LedgerView:
+    import pyarrow.parquet as pq
+
+    view = LedgerView(position=position, last_key=position.rstrip("~"))
+    for row in pq.read_table(io.BytesIO(data)).to_pylist():
+        state = view.state(int(row["shard"]))
+        state.committed, state.final_failure = bool(row["committed"]), bool(row["final_failure"])
+        state.attempts, state.failed_attempts = int(row["attempts"]), int(row["failed_attempts"])
+        state.last_failure, state.applied_key = row["last_failure"], row["applied_key"]
+        state.stats = json.loads(row["stats"]) if row["stats"] else None
+    return view
+
 
 class Ledger:
-    """Reads and writes the shard ledger of one OUTPUT."""
+    """Reads and writes the ledger of one OUTPUT."""
 
     def __init__(self, fs: Any, root: str) -> None:
         self.fs = fs
@@ -59,73 +196,139 @@ class Ledger:
     def _path(self, *parts: str) -> str:
         return storage.join(self.root, LEDGER_DIR, *parts)
 
+    # ------------------------------------------------------------------------------------- reading
+
     def view(self) -> LedgerView:
-        """Parse one recursive listing of _ledger/ into per-shard states."""
-        view = LedgerView()
+        """The latest checkpoint plus the log entries after its position (a full read without one)."""
+        view = self._latest_checkpoint()
+        names = storage.list_after(self.fs, self._path(LOG), view.position)
+        attempts = self._attempts(self._parse(names, self._path(LOG)))
+        if not view.position:
+            attempts = self._v1_attempts() + attempts
+        for attempt in attempts:
+            view.apply(attempt)
+        return view
+
+    def _latest_checkpoint(self) -> LedgerView:
+        names = [n for n in storage.list_after(self.fs, self._path(CHECKPOINTS)) if n.endswith(".parquet")]
+        if not names:
+            return LedgerView()
+        latest = names[-1]
+        try:
+            data = storage.with_retries(lambda: self.fs.cat_file(self._path(CHECKPOINTS, latest)),
+                                        what=f"read checkpoint {latest}")  # fmt: skip
+            return _view_from_checkpoint(data, latest.removesuffix(".parquet"))
+        except Exception as exc:  # damaged or vanished: the log is the source of truth
+            log.warning("ledger checkpoint %s unreadable (%s: %s); reading the whole log instead",
+                        latest, type(exc).__name__, exc)  # fmt: skip
+            return LedgerView()
+
+    def _parse(self, names: Iterable[str], folder: str) -> list[tuple[str, int, int, str, str]]:
+        found = []
+        for name in names:
+            match = _NAME.match(name)
+            if match:
+                key, shard, attempt, event = match.groups()
+                found.append((key, int(shard), int(attempt), event, storage.join(folder, name)))
+        return found
+
+    def _attempts(self, entries: list[tuple[str, int, int, str, str]]) -> list[_Attempt]:
+        """Group events by attempt and read the records a reader needs: stats, failures, and the started
+        record of attempts that have not finished."""
+        grouped: dict[tuple[str, int, int], _Attempt] = {}
+        for key, shard, attempt, event, path in entries:
+            grouped.setdefault((key, shard, attempt), _Attempt(key, shard, attempt)).events[event] = {
+                "_path": path
+            }
+        for attempt in grouped.values():
+            finished = "committed" in attempt.events or "failed" in attempt.events
+            for event, record in attempt.events.items():
+                if event in ("committed", "failed") or (event == "started" and not finished):
+                    attempt.events[event] = self._read(record["_path"])
+        return sorted(grouped.values(), key=lambda a: (a.key, a.shard))
+
+    def _read(self, path: str) -> dict[str, Any]:
+        try:
+            return storage.read_json(self.fs, path)
+        except FileNotFoundError:  # replaced between the listing and the read (a heartbeat): list again
+            return {}
+
+    def _v1_attempts(self) -> list[_Attempt]:
+        """Events of an output written before the log (committed/, failed/, attempts/ markers)."""
+        found: dict[int, _Attempt] = {}
         for name in storage.list_names(self.fs, self._path()):
-            match = _ENTRY.match(name)
+            match = _V1.match(name)
             if not match:
                 continue
             kind, shard, attempt, event = match.group(1), int(match.group(2)), match.group(3), match.group(4)
-            state = view.state(shard)
+            entry = found.setdefault(shard, _Attempt(V1_KEY, shard, 0))
+            entry.attempt = max(entry.attempt, int(attempt or 0))
             if kind == "committed":
-                state.status = "committed"
-            elif kind == "failed" and state.status != "committed":
-                state.status = "failed"
-            elif kind == "attempts":
-                state.attempts = max(state.attempts, int(attempt))
-                if event == "failed":
-                    state.failed_attempts += 1
-        for state in view.shards.values():
-            if state.status == "pending" and state.attempts > state.failed_attempts:
-                state.status = "running"
-        return view
+                entry.events["committed"] = self._read(self._path(name))
+            elif kind == "failed":
+                entry.events.setdefault("failed", {**self._read(self._path(name)), "final": True})
+            elif event == "started":
+                entry.events.setdefault("started", {})
+        return list(found.values())
 
-    def started(self, shard: int, attempt: int, info: dict[str, Any]) -> None:
-        record = {"shard": shard, "attempt": attempt, "event": "started", "time": time.time(), **info}
-        storage.write_json(
-            self.fs, self._path("attempts", f"shard-{shard_name(shard)}.a{attempt:02d}.started.json"), record
-        )
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run's record, oldest first (one listing, one read per run)."""
+        names = [n for n in storage.list_after(self.fs, self._path(RUNS)) if n.endswith(".json")]
+        return [self._read(self._path(RUNS, n)) for n in names]
 
-    def attempt_failed(self, shard: int, attempt: int, reason: str, final: bool) -> None:
-        record = {
-            "shard": shard,
-            "attempt": attempt,
-            "event": "failed",
-            "time": time.time(),
-            "reason": reason,
-        }
-        storage.write_json(
-            self.fs, self._path("attempts", f"shard-{shard_name(shard)}.a{attempt:02d}.failed.json"), record
-        )
-        if final:
-            storage.write_json(self.fs, self._path("failed", f"shard-{shard_name(shard)}.json"), record)
+    def latest_run(self) -> dict[str, Any] | None:
+        names = [n for n in storage.list_after(self.fs, self._path(RUNS)) if n.endswith(".json")]
+        return self._read(self._path(RUNS, names[-1])) if names else None
 
-    def commit(self, shard: int, stats: dict[str, Any]) -> None:
-        """Write the commit marker: call only after every table file of the shard is written."""
-        storage.write_json(self.fs, self._path("committed", f"shard-{shard_name(shard)}.json"), stats)
-        failed = self._path("failed", f"shard-{shard_name(shard)}.json")
-        if storage.exists(self.fs, failed):
-            self.fs.rm_file(failed)
+    # ------------------------------------------------------------------------------------- writing
 
-    def uncommit(self, shard: int) -> None:
-        """Withdraw a commit before rewriting a shard's files (video-level retry)."""
-        path = self._path("committed", f"shard-{shard_name(shard)}.json")
-        if storage.exists(self.fs, path):
-            self.fs.rm_file(path)
+    def event(self, key: str, shard: int, attempt: int, event: str, record: dict[str, Any]) -> None:
+        if event not in EVENTS:
+            raise ValueError(f"ledger event {event!r} is not one of {EVENTS}")
+        body = {"shard": shard, "attempt": attempt, "event": event, "time": time.time(), **record}
+        storage.write_json(self.fs, self._path(LOG, event_name(key, shard, attempt, event)), body)
 
-    def committed_stats(self) -> list[dict[str, Any]]:
-        """The stats of every committed shard (reads one small JSON per committed shard)."""
-        names = storage.list_names(self.fs, self._path("committed"))
-        return [storage.read_json(self.fs, self._path("committed", n)) for n in names if n.endswith(".json")]
+    def write_checkpoint(self, view: LedgerView) -> str:
+        """Write ``view``'s settled states as the latest checkpoint; keep the last KEEP_CHECKPOINTS."""
+        position = view.checkpoint_position()
+        storage.write_bytes(self.fs, self._path(CHECKPOINTS, f"{position}.parquet"), _checkpoint_bytes(view))
+        old = [n for n in storage.list_after(self.fs, self._path(CHECKPOINTS)) if n.endswith(".parquet")]
+        for name in old[:-KEEP_CHECKPOINTS]:
+            storage.with_retries(lambda name=name: self.fs.rm_file(self._path(CHECKPOINTS, name)),
+                                 what=f"delete checkpoint {name}")  # fmt: skip
+        return position
 
-    def committed_stats_of(self, shard: int) -> dict[str, Any]:
-        """One committed shard's stats (its commit marker)."""
-        return storage.read_json(self.fs, self._path("committed", f"shard-{shard_name(shard)}.json"))
+    def write_run(self, run: int, record: dict[str, Any]) -> None:
+        storage.write_json(self.fs, self._path(RUNS, f"{run:013d}.json"), {"run": run, **record})
 
-    def attempt_records(self) -> list[dict[str, Any]]:
-        names = storage.list_names(self.fs, self._path("attempts"))
-        return [storage.read_json(self.fs, self._path("attempts", n)) for n in names if n.endswith(".json")]
+
+class Heartbeat:
+    """Rewrites a record every ``interval_s`` in a thread (a lease): ``record()`` gives its content, with
+    ``heartbeat_at`` set at each write. One small write per interval, never a listing."""
+
+    def __init__(self, write: Any, record: Any, interval_s: float) -> None:
+        self.write, self.record, self.interval_s = write, record, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="videoindex-heartbeat")
+
+    def __enter__(self) -> Heartbeat:
+        self.beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def beat(self) -> None:
+        self.write({**self.record(), "heartbeat_at": time.time()})
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.beat()
+            except Exception as exc:  # a missed beat only makes the attempt look stalled for a while
+                log.warning("heartbeat write failed (%s: %s)", type(exc).__name__, exc)
 
 
 def committed_totals(stats: list[dict[str, Any]]) -> tuple[dict[str, int], float]:

@@ -104,13 +104,33 @@ def replace_videos(
     return merged
 
 
+def _counts(column: pa.ChunkedArray | pa.Array) -> dict[str, int]:
+    """{value: rows} of a column, nulls left out, as JSON-able text keys in value order."""
+    counts = pc.value_counts(column.drop_null() if hasattr(column, "drop_null") else column)
+    pairs = sorted((str(v["values"]), int(v["counts"])) for v in counts.to_pylist())
+    return dict(pairs)
+
+
 def stats_from_tables(tables: dict[str, pa.Table]) -> dict[str, Any]:
-    """Video and clip counts of a shard, derived from its tables."""
-    videos = tables["videos"]
-    ok = int(pc.sum(pc.equal(videos["status"], STATUS_OK)).as_py() or 0)
+    """What readers answer from the ledger without opening the shard's files: video and clip counts,
+    hours of video indexed, clip and video label histograms (by label id), errors by type with up to
+    three example URIs each."""
+    videos, clips = tables["videos"], tables["clips"]
+    is_ok = pc.equal(videos["status"], STATUS_OK)
+    ok = int(pc.sum(is_ok).as_py() or 0)
+    ok_videos, failed = videos.filter(is_ok), videos.filter(pc.invert(is_ok))
+    examples: dict[str, list[str]] = {}
+    for row in failed.select(["uri", "error_type"]).sort_by("uri").to_pylist():
+        examples.setdefault(row["error_type"] or "unknown", []).append(row["uri"])
     return {
         "videos": videos.num_rows,
         "videos_ok": ok,
         "videos_error": videos.num_rows - ok,
-        "clips": tables["clips"].num_rows,
+        "clips": clips.num_rows,
+        "duration_s_ok": float(pc.sum(ok_videos["duration_s"]).as_py() or 0.0),
+        "clip_labels": _counts(clips["label_id"]),
+        "video_labels": _counts(ok_videos["label_id"]),
+        "errors": {
+            kind: {"count": len(uris), "examples": uris[:3]} for kind, uris in sorted(examples.items())
+        },
     }

@@ -5,10 +5,13 @@ executor). A shard attempt that raises (a write that failed, an actor or node lo
 failure: it is recorded in the ledger and retried until ``execution.max_attempts`` tries in this run;
 bad videos never fail a shard (they are rows). A shard's videos come from the driver's plan, sliced by
 row range (shard k holds rows [k*shard_size, (k+1)*shard_size)), so no worker reads the plan again.
+Each attempt gets its key in the ledger's log when it is handed out (``run`` then a sequence number), and
+every ``checkpoint_every`` commits the queue writes a ledger checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import deque
@@ -17,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from videoindex.format.layout import shard_name
-from videoindex.format.ledger import Ledger
+from videoindex.format.ledger import Ledger, attempt_key
 from videoindex.format.plans import shard_tasks
 from videoindex.job.shard import ShardWork
 
@@ -27,17 +30,21 @@ log = logging.getLogger(__name__)
 class ShardQueue:
     """Pending shard attempts, in order; committed stats and final failures of this run."""
 
-    def __init__(self, ledger: Ledger, plan: pa.Table, shard_size: int, max_attempts: int) -> None:
+    def __init__(self, ledger: Ledger, plan: pa.Table, shard_size: int, max_attempts: int, *, run: int,
+                 checkpoint_every: int = 1000) -> None:  # fmt: skip
         self.ledger, self.plan, self.shard_size, self.max_attempts = ledger, plan, shard_size, max_attempts
+        self.run, self.checkpoint_every = run, checkpoint_every
         self.pending: deque[ShardWork] = deque()
         self.committed: dict[int, dict[str, Any]] = {}
         self.failed: dict[int, str] = {}
         self.first_attempt: dict[int, int] = {}
+        self.handed_out = 0
         self.lock = threading.Lock()
 
-    def add(self, shard: int, attempt: int, video_ids: tuple[str, ...] | None = None) -> None:
+    def add(self, shard: int, attempt: int, video_ids: tuple[str, ...] | None = None, *, replaces: bool = False
+            ) -> None:  # fmt: skip
         videos = tuple(shard_tasks(self.plan.slice(shard * self.shard_size, self.shard_size)))
-        self.pending.append(ShardWork(shard, attempt, videos, video_ids))
+        self.pending.append(ShardWork(shard, attempt, videos, video_ids, replaces=replaces))
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -48,12 +55,16 @@ class ShardQueue:
                 return None
             work = self.pending.popleft()
             self.first_attempt.setdefault(work.shard, work.attempt)
-            return work
+            self.handed_out += 1
+            return dataclasses.replace(work, key=attempt_key(self.run, self.handed_out))
 
     def done(self, work: ShardWork, stats: dict[str, Any]) -> None:
         with self.lock:
             self.committed[work.shard] = stats
             self.failed.pop(work.shard, None)
+            due = len(self.committed) % self.checkpoint_every == 0
+        if due:
+            self.checkpoint()
 
     def fail(self, work: ShardWork, reason: str) -> None:
         """Record a failed attempt; queue the next one unless this run spent ``max_attempts`` on it."""
@@ -62,8 +73,22 @@ class ShardQueue:
             final = tries >= self.max_attempts
             log.warning("[shard %s] attempt %d failed (%s)%s", shard_name(work.shard), work.attempt, reason,
                         "; giving up" if final else "; retrying")  # fmt: skip
-            self.ledger.attempt_failed(work.shard, work.attempt, reason, final=final)
+            self.ledger.event(
+                work.key, work.shard, work.attempt, "failed", {"reason": reason, "final": final}
+            )
             if final:
                 self.failed[work.shard] = reason
             else:
-                self.pending.append(ShardWork(work.shard, work.attempt + 1, work.videos, work.video_ids))
+                self.pending.append(dataclasses.replace(work, attempt=work.attempt + 1, key=""))
+
+    def checkpoint(self) -> None:
+        """Write a ledger checkpoint from a fresh read of the ledger (a failure only costs readers time)."""
+        try:
+            position = self.ledger.write_checkpoint(self.ledger.view())
+            log.info("ledger checkpoint written at %s", position)
+        except Exception as exc:
+            log.warning(
+                "ledger checkpoint not written (%s: %s); readers list the log instead",
+                type(exc).__name__,
+                exc,
+            )

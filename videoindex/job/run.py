@@ -10,6 +10,8 @@ ledger, one read of the plan.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +22,7 @@ from videoindex import storage
 from videoindex.config import JobConfig
 from videoindex.format.jobrecord import check_compatible, job_record, read_job, refuse_foreign_tables
 from videoindex.format.layout import JOB_FILE
-from videoindex.format.ledger import Ledger, LedgerView, committed_totals
+from videoindex.format.ledger import Heartbeat, Ledger, LedgerView, committed_totals
 from videoindex.format.plans import read_plan, shard_count, write_plan
 from videoindex.job.context import JobContext, decode_settings
 from videoindex.job.queue import ShardQueue
@@ -61,16 +63,24 @@ def prepare_output(config: JobConfig, info: ModelInfo, fs: Any, root: str, *, mu
 
 
 def _queue(config: JobConfig, ledger: Ledger, view: LedgerView, plan: pa.Table, shards: int, *,
-           rerun: bool, retry: str | None) -> ShardQueue:  # fmt: skip
-    queue = ShardQueue(ledger, plan, config.output.shard_size, config.execution.max_attempts)
+           rerun: bool, retry: str | None, run: int) -> ShardQueue:  # fmt: skip
+    queue = ShardQueue(ledger, plan, config.output.shard_size, config.execution.max_attempts, run=run,
+                       checkpoint_every=config.execution.checkpoint_every)  # fmt: skip
     committed = view.committed()
     for shard in range(shards):
         if rerun or shard not in committed:
-            queue.add(shard, view.state(shard).attempts + 1)
+            queue.add(shard, view.state(shard).attempts + 1, replaces=shard in committed)
     if retry is not None:
         for shard, ids in failed_videos(ledger.fs, ledger.root, committed, all_errors=retry == "all").items():
-            queue.add(shard, view.state(shard).attempts + 1, ids)
+            queue.add(shard, view.state(shard).attempts + 1, ids, replaces=True)
     return queue
+
+
+def new_run_id(view: LedgerView) -> int:
+    """This run's id in the ledger: now in milliseconds, above every earlier run's (a clock set back or
+    another machine's cannot slot a run before one already in the log)."""
+    last = int(view.last_key.split("-")[0]) if view.last_key else 0
+    return max(int(time.time() * 1000), last + 1)
 
 
 def executor_for(name: str) -> Any:
@@ -117,8 +127,9 @@ def run_job(
     shards = int(record["plan"]["shards"])
     ledger = Ledger(fs, root)
     view = ledger.view()
+    run = new_run_id(view)
     retry = ("all" if retry_all_errors else "retryable") if (retry_failed or retry_all_errors) else None
-    queue = _queue(config, ledger, view, plan, shards, rerun=rerun, retry=retry)
+    queue = _queue(config, ledger, view, plan, shards, rerun=rerun, retry=retry, run=run)
     result = JobResult(EXIT_OK, {"output": config.output.uri, "shards": shards, "shards_to_run": len(queue),
                                  "executor": config.execution.executor})  # fmt: skip
     if queue:
@@ -127,11 +138,19 @@ def run_job(
         from videoindex.job.progress import JobProgress
 
         enabled = config.execution.progress if progress is None else progress
-        with JobProgress(context.videos, shards, queue, enabled=enabled) as bar:
+        run_record = {"started_at": started, "executor": config.execution.executor, "host": socket.gethostname(),
+                      "pid": os.getpid(), "heartbeat_s": config.execution.heartbeat_s, "shards_to_run": len(queue)}  # fmt: skip
+        with (
+            Heartbeat(lambda r: ledger.write_run(run, r), lambda: run_record, config.execution.heartbeat_s),
+            JobProgress(context.videos, shards, queue, enabled=enabled) as bar,
+        ):
             executor_for(config.execution.executor).run(context, queue, bar)
+        ledger.write_run(run, {**run_record, "heartbeat_at": time.time(), "finished_at": time.time(),
+                               "committed": len(queue.committed), "failed": len(queue.failed)})  # fmt: skip
+        queue.checkpoint()  # readers of the finished run take it from here: a bounded number of requests
         result.summary["failed_shards"] = dict(queue.failed)
     committed = view.committed() | set(queue.committed)  # what earlier runs committed, and this one
-    earlier = [ledger.committed_stats_of(s) for s in sorted(committed - set(queue.committed))]
+    earlier = [view.state(s).stats or {} for s in sorted(committed - set(queue.committed))]
     result.summary.update(summarize(earlier + list(queue.committed.values())))
     result.summary["shards_committed"] = len(committed)
     result.summary["shards_failed"] = len(queue.failed)

@@ -20,7 +20,7 @@ import numpy as np
 
 from videoindex import __version__, storage
 from videoindex.format.layout import shard_name
-from videoindex.format.ledger import Ledger
+from videoindex.format.ledger import Heartbeat, Ledger
 from videoindex.format.plans import VideoTask
 from videoindex.format.tables import (
     file_metadata,
@@ -45,6 +45,8 @@ class ShardWork:
     attempt: int
     videos: tuple[VideoTask, ...]
     video_ids: tuple[str, ...] | None = None  # re-index only these videos of a committed shard
+    key: str = ""  # the attempt's place in the ledger's log (format.ledger.attempt_key)
+    replaces: bool = False  # the shard is committed: withdraw that commit before rewriting its files
 
 
 @dataclass(frozen=True)
@@ -166,16 +168,31 @@ class ShardIndexer:
                  where: dict[str, Any]) -> None:  # fmt: skip
         self.context, self.classifier, self.decode, self.where = context, classifier, decode, where
         self.batch_size = batch_size
+        self.heartbeat_s = context.config.execution.heartbeat_s
         self.fs, self.root = storage.filesystem(context.output_uri, context.config.output.storage_options)
         self.ledger = Ledger(self.fs, self.root)
         self.metadata = file_metadata(context.model, __version__)
         self.counters = Counters()
 
     def index(self, work: ShardWork) -> dict[str, Any]:
-        """Index a shard (or only ``work.video_ids`` of a committed shard), write it, commit it."""
-        self.ledger.started(work.shard, work.attempt,
-                            {**self.where, "videos_retried": len(work.video_ids) if work.video_ids else None})  # fmt: skip
+        """Index a shard (or only ``work.video_ids`` of a committed shard), write it, commit it; the attempt's
+        started event is renewed every ``execution.heartbeat_s`` while it runs."""
         started = time.time()
+        record = {
+            **self.where,
+            "started_at": started,
+            "videos_retried": len(work.video_ids) if work.video_ids else None,
+        }
+
+        def write(content: dict[str, Any]) -> None:
+            self.ledger.event(work.key, work.shard, work.attempt, "started", content)
+
+        with Heartbeat(write, lambda: record, self.heartbeat_s):
+            stats = self._index(work, started)
+        log.info("[shard %s] committed: %s", shard_name(work.shard), stats)
+        return stats
+
+    def _index(self, work: ShardWork, started: float) -> dict[str, Any]:
         videos = work.videos
         if work.video_ids is not None:
             previous = read_shard_tables(self.fs, self.root, work.shard)
@@ -184,16 +201,16 @@ class ShardIndexer:
         out = index_shard(
             videos, self.decode, self.classifier, batch_size=self.batch_size, counters=self.counters
         )
-        tables = out.tables
-        if work.video_ids is not None:
-            tables = replace_videos(previous, out.tables, work.video_ids)
-            # Readers keep the old rows while the videos are re-indexed, then stop seeing the shard for
-            # the few writes until its new files are committed (a crash here leaves it to a full rerun).
-            self.ledger.uncommit(work.shard)
+        tables = (
+            out.tables if work.video_ids is None else replace_videos(previous, out.tables, work.video_ids)
+        )
+        if work.replaces:
+            # Readers keep the old rows while the shard is indexed again, then stop seeing it for the few
+            # writes until its new files are committed (a crash here leaves it to a resume).
+            self.ledger.event(work.key, work.shard, work.attempt, "uncommitted", {})
         written = write_shard_tables(self.fs, self.root, work.shard, tables, metadata=self.metadata,
                                      clips_row_group_size=self.context.config.output.clips_row_group_size)  # fmt: skip
         stats = {**out.stats, **stats_from_tables(tables), "shard": work.shard, "attempt": work.attempt,
                  "started_at": started, "finished_at": time.time(), "bytes_written": written, **self.where}  # fmt: skip
-        self.ledger.commit(work.shard, stats)
-        log.info("[shard %s] committed: %s", shard_name(work.shard), stats)
+        self.ledger.event(work.key, work.shard, work.attempt, "committed", stats)
         return stats
