@@ -16,7 +16,8 @@ from typing import Any
 from videoindex.stages.video import open_video
 
 
-def open_faulty(path: str, *, decoder: str, fs: Any, fallback_to_pyav: bool) -> Any:
+def open_faulty(uri: str, *, decoder: str, fs: Any, fallback_to_pyav: bool) -> Any:
+    path = uri.removeprefix("file://")
     if os.path.exists(f"{path}.hang"):
         while True:
             time.sleep(3600)
@@ -24,4 +25,4 @@ def open_faulty(path: str, *, decoder: str, fs: Any, fallback_to_pyav: bool) -> 
         os._exit(13)
     if os.path.exists(f"{path}.slow"):
         time.sleep(float(Path(f"{path}.slow").read_text() or 1.0))
-    return open_video(path, decoder=decoder, fs=fs, fallback_to_pyav=fallback_to_pyav)
+    return open_video(uri, decoder=decoder, fs=fs, fallback_to_pyav=fallback_to_pyav)

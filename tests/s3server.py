@@ -129,6 +129,7 @@ class FlakyProxy:
         self.fail = 0
         self.mode = "503"
         self.requests = 0
+        self.fail_when: Any = None  # (method, path, headers) -> bool: fail those requests too
         self.log: list[tuple[str, str, int]] = []
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -144,13 +145,13 @@ class FlakyProxy:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def _should_fail(self) -> bool:
+    def _should_fail(self, method: str = "", path: str = "", headers: Any = None) -> bool:
         with self.lock:
             self.requests += 1
             if self.fail > 0:
                 self.fail -= 1
                 return True
-            return False
+            return bool(self.fail_when and self.fail_when(method, path, headers or {}))
 
     def reads_of(self, key: str) -> tuple[int, int]:
         """(GET requests, bytes returned) for paths that end with ``key`` (an object's key)."""
@@ -170,7 +171,7 @@ class FlakyProxy:
             def _any(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                if proxy._should_fail():
+                if proxy._should_fail(self.command, self.path, dict(self.headers.items())):
                     if proxy.mode == "reset":
                         self.close_connection = True
                         self.connection.shutdown(socket.SHUT_RDWR)

@@ -271,7 +271,8 @@ def test_classify_error_types() -> None:
         (PermissionError("x"), None, "permission"),
         (OSError("whatever"), 0, "empty_file"),
         (MemoryError(), None, "out_of_memory"),
-        (TimeoutError("slow"), None, "timeout"),
+        (TimeoutError("read timed out"), None, "storage"),  # a read that timed out; decode timeouts come
+        # from the executors, which kill the worker (tests/test_local_executor.py, tests/test_faults.py)
         (RuntimeError("Invalid data found when processing input"), None, "not_a_video"),
         (RuntimeError("Decoder not found"), None, "unsupported_codec"),
         (ConnectionError("reset by peer"), None, "storage"),
@@ -318,3 +319,36 @@ def test_swscale_needs_pyav() -> None:
     with pytest.raises(ConfigError, match="decode.scale swscale needs decode.decoder pyav"):
         load_config(None, {"input.uri": "/in", "output.uri": "/out", "decode.decoder": "decord",
                            "decode.scale": "swscale"})  # fmt: skip
+
+
+def test_a_damaged_stream_is_indexed_up_to_its_last_good_frame_and_says_so(tmp_path: Path) -> None:
+    """Everything after the first GOP overwritten with zeros: the decoder rejects those packets; the video
+    is still indexed (later sampled frames repeat the last good one) and a recovered ``corrupt`` error
+    says how many packets were lost."""
+    import av
+
+    from videoindex.config import DecodeConfig, SamplingConfig
+    from videoindex.format.plans import VideoTask
+    from videoindex.stages.decode import ClipBatch, DecodeSettings, VideoEnd, decode_video
+    from videoindex.stages.preprocess import PreprocessSpec
+
+    path = write_index_video(tmp_path / "damaged.mp4", frames=300, gop=30, preset="medium")
+    with av.open(str(path)) as container:
+        second_key = [p.pos for p in container.demux(container.streams.video[0]) if p.size and p.is_keyframe][
+            1
+        ]
+    data = bytearray(path.read_bytes())
+    index = data.find(b"moov")
+    data[second_key : index - 8] = bytes(index - 8 - second_key)
+    path.write_bytes(bytes(data))
+    settings = DecodeSettings(
+        SamplingConfig(), DecodeConfig(), PreprocessSpec(resize_short_side=48, crop_size=48)
+    )
+    events = list(decode_video(VideoTask(str(path), "d", None, None, None, 0), settings))
+    end = events[-1]
+    assert isinstance(end, VideoEnd) and len(end.recovered) == 1
+    error = end.recovered[0]
+    assert (error.error_type, error.stage) == ("corrupt", "decode") and "could not be decoded" in str(error)
+    first_clip = [decode_index(f) for f in next(e for e in events if isinstance(e, ClipBatch)).frames[0]]
+    assert first_clip[:8] == list(range(0, 32, 4))  # the first GOP (frames 0-29) decodes
+    assert len(set(first_clip[8:])) == 1 and 28 <= first_clip[8] <= 29  # then its last frame, repeated

@@ -367,3 +367,35 @@ def test_bookkeeping_requests_do_not_grow_with_the_shards(s3, tiny_model_dir, tm
     print(counts)
     assert counts[6] == counts[24], counts
     assert max(counts[24].values()) <= 40, counts
+
+
+def test_a_storage_failure_mid_video_is_a_retryable_storage_error(s3, tiny_model_dir, tmp_path):
+    """The object store stops serving a video after its first 8 MiB block (connections reset): the video
+    fails as `storage` (retryable, with the URI), the job goes on, and `resume --retry-failed` indexes it
+    once the store serves it again."""
+    video = _noisy_video(tmp_path / "long.mp4", frames=400, size=(320, 240))
+    fine = _noisy_video(tmp_path / "fine.mp4", frames=20, size=(64, 48))
+    s3.fs().mkdir(IN)
+    s3.fs().put_file(str(video), f"{IN}/flaky/long.mp4")
+    s3.fs().put_file(str(fine), f"{IN}/flaky/fine.mp4")
+    s3.fs().mkdir(OUT)
+
+    def second_block(method: str, path: str, headers: dict) -> bool:
+        start = headers.get("Range", headers.get("range", "bytes=0-")).removeprefix("bytes=").split("-")[0]
+        return method == "GET" and path.split("?")[0].endswith("long.mp4") and int(start or 0) >= 2**23
+
+    with FlakyProxy(s3.url) as proxy:
+        proxy.mode = "reset"
+        proxy.fail_when = second_block
+        options = s3_options(proxy.url, config_kwargs={"retries": {"max_attempts": 1}})
+        config = small_job_config(f"s3://{IN}/flaky/", f"s3://{OUT}/flaky", tiny_model_dir, **{
+            "input.storage_options": options, "output.storage_options": options, "output.shard_size": 2})  # fmt: skip
+        assert run_job(config).exit_code == EXIT_VIDEOS_FAILED
+        videos = {row["uri"].rsplit("/", 1)[1]: row for row in _videos(s3.fs(), f"{OUT}/flaky")}
+        assert videos["fine.mp4"]["status"] == "ok"
+        assert videos["long.mp4"]["error_type"] == "storage", videos["long.mp4"]["error_message"]
+        assert f"s3://{IN}/flaky/long.mp4" in videos["long.mp4"]["error_message"]
+        proxy.fail_when = None  # the store is back
+        assert run_job(config, resume=True, retry_failed=True).exit_code == 0
+    videos = {row["uri"].rsplit("/", 1)[1]: row for row in _videos(s3.fs(), f"{OUT}/flaky")}
+    assert videos["long.mp4"]["status"] == "ok" and videos["long.mp4"]["num_clips"] > 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -114,13 +114,13 @@ def opener(decoder: str) -> tuple[OpenVideo, str]:
 
 def probe(video: VideoTask, settings: DecodeSettings) -> tuple[VideoReader, VideoPlan]:
     """Open the video once, read its metadata and plan its clips; raises DecodeError for a bad video."""
-    fs, path = storage.filesystem(video.uri, settings.storage_options)
+    fs, _ = storage.filesystem(video.uri, settings.storage_options)
     open_fn, decoder = opener(settings.decode.decoder)
     options = (
         {"scale": settings.decode.scale} if settings.decode.scale != "rgb" else {}
     )  # plug-ins: the default
     reader = open_fn(
-        path, decoder=decoder, fs=fs, fallback_to_pyav=settings.decode.fallback_to_pyav, **options
+        video.uri, decoder=decoder, fs=fs, fallback_to_pyav=settings.decode.fallback_to_pyav, **options
     )
     clips = tuple(plan_clips(reader.meta.frames, settings.sampling, settings.clip_len))
     if not clips:
@@ -186,8 +186,9 @@ def _chunk_batch(k: int, clips: tuple[ClipSpec, ...], frames: dict[int, tuple[np
 
 
 def decode_chunks(reader: VideoReader, plan: VideoPlan, settings: DecodeSettings, uri: str
-                  ) -> Iterator[ClipBatch]:  # fmt: skip
-    """The video's clips in chunks of ``decode.chunk_clips``, from one forward pass of the reader."""
+                  ) -> Generator[ClipBatch, None, int]:  # fmt: skip
+    """The video's clips in chunks of ``decode.chunk_clips``, from one forward pass of the reader;
+    returns how many sampled frames were missing and repeat the frame before them."""
     per = settings.decode.chunk_clips
     chunks = [plan.clips[i : i + per] for i in range(0, len(plan.clips), per)]
     needed = sorted({i for c in plan.clips for i in c.frame_indices})
@@ -205,6 +206,18 @@ def decode_chunks(reader: VideoReader, plan: VideoPlan, settings: DecodeSettings
     if frames.substituted:
         log.warning("%s: %d sampled frame(s) not decodable (past the real end or lost) repeat the frame "
                     "before them (%s)", uri, frames.substituted, reader.meta.decoder)  # fmt: skip
+    return frames.substituted
+
+
+def _damage(reader: VideoReader, substituted: int, uri: str) -> tuple[DecodeError, ...]:
+    """A recovered ``corrupt`` error when the decoder rejected packets after good frames: the video is
+    indexed, with the frames it lost replaced by earlier ones, and its errors row says so."""
+    bad = getattr(reader, "bad_packets", 0)
+    if not bad:
+        return ()
+    message = (f"{uri}: {bad} packet(s) could not be decoded (first: {reader.first_bad}); {substituted} sampled "
+               "frame(s) repeat the last good frame before them")  # fmt: skip
+    return (DecodeError("corrupt", "decode", message, decoder=reader.meta.decoder),)
 
 
 def _timed(batch: ClipBatch, seconds: float) -> ClipBatch:
@@ -220,8 +233,9 @@ def decode_video(video: VideoTask, settings: DecodeSettings) -> Iterator[VideoEv
         with memory_cap(settings.decode.max_memory_mb):
             reader, plan = probe(video, settings)
         yield plan
-        yield from decode_chunks(reader, plan, settings, video.uri)
+        substituted = yield from decode_chunks(reader, plan, settings, video.uri)
         recovered = (reader.fallback,) if reader.fallback is not None else ()
+        recovered += _damage(reader, substituted, video.uri)
         yield VideoEnd(video.video_id, reader.meta, recovered, round(time.perf_counter() - started, 6))
     except Exception as exc:  # a bad video must become a row, not a crashed shard
         meta = reader.meta if reader is not None else None

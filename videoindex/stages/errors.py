@@ -12,6 +12,7 @@ from typing import Any
 
 import av
 
+from videoindex import storage
 from videoindex.format.errortypes import ERROR_TYPE_DOC, ERROR_TYPES
 
 
@@ -78,6 +79,8 @@ def _error_type(exc: BaseException, text: str, size_bytes: int | None, stage: st
         return "not_a_video"
     if isinstance(exc, MemoryError):
         return "out_of_memory"
+    if not isinstance(exc, av.error.FFmpegError) and storage.is_transient(exc):
+        return "storage"  # the bytes did not come (connection reset, throttled, a read timed out)
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, av.error.DecoderNotFoundError):

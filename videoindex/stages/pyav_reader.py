@@ -41,6 +41,7 @@ DECODE_THREADS = 1  # a decode task holds one CPU slot; FFmpeg's own threads wou
 SCALER = Interpolation.BILINEAR  # swscale's bilinear widens its kernel when shrinking (antialiased)
 SEGMENT_MAX_PACKETS = 512  # a longer GOP is cut at the first point where no frame crosses the cut
 KEPT_SEGMENT_MAPS = 4  # pts maps of recent segments (the decoder still holds a few frames of them)
+MAX_BAD_PACKETS = 25  # packets in a row the decoder rejects before the rest of the video counts as lost
 
 
 def probe_pyav(source: Source) -> VideoMeta:
@@ -100,6 +101,10 @@ class _PlainPassNeeded(Exception):
     """The packets do not allow the segment pass (no pts, or frames shown across a keyframe)."""
 
 
+class _StreamLost(Exception):
+    """The rest of the stream cannot be decoded: the pass ends, later frames repeat the last good one."""
+
+
 class PyAVReader(VideoReader):
     """Forward-only PyAV decoding over one Source (local path or one remote file object)."""
 
@@ -110,6 +115,8 @@ class PyAVReader(VideoReader):
         duration = probe.duration_s or (frames / probe.fps if probe.fps else 0.0)
         self.meta = dataclasses.replace(probe, frames=frames, duration_s=duration, decoder="pyav")
         self.frames_decoded = 0  # frames that came out of the decoder (the rest were skipped)
+        self.bad_packets = 0  # packets the decoder rejected after good frames (the video's errors row)
+        self.first_bad: str | None = None
 
     def frames(self, indices: Sequence[int], size: tuple[int, int] | None) -> Iterator[Frame]:
         """One pass from the start (see VideoReader.frames); each call is a new pass."""
@@ -137,6 +144,8 @@ class PyAVReader(VideoReader):
                 yield from (run.plain(after) if plain else run.segments())
             finally:
                 self.frames_decoded += run.decoded
+                self.bad_packets += run.bad_packets
+                self.first_bad = self.first_bad or run.first_bad
 
     def close(self) -> None:
         self._source.close()
@@ -152,11 +161,21 @@ class _Pass:
         self.last: tuple[int, av.VideoFrame] | None = None  # the latest frame out of the decoder
         self.done = -1  # highest index yielded
         self.decoded = 0
+        self.bad_packets = self.bad_in_a_row = 0
+        self.first_bad: str | None = None
         self.maps: deque[dict[int, int]] = deque(maxlen=KEPT_SEGMENT_MAPS)  # pts -> index, per segment
 
     # ------------------------------------------------------------------ segment pass
 
     def segments(self) -> Iterator[Frame]:
+        try:
+            yield from self._segments()
+        except _StreamLost as why:
+            log.warning("%s: %s; the video is indexed up to its last good frame", self.uri, why)
+        yield from self._drain()  # the frames the decoder still holds for reordering
+        yield from self._repeat_last()
+
+    def _segments(self) -> Iterator[Frame]:
         base, segment, skipped, last_max = 0, [], None, None
         for packet in self._packets():
             if segment and (packet.is_keyframe or self._cuttable(segment, packet)):
@@ -171,8 +190,6 @@ class _Pass:
         if segment:
             self._order(segment, base, last_max)
             yield from self._segment(segment, base, skipped)
-        yield from self._drain()
-        yield from self._repeat_last()
 
     def _packets(self) -> Iterator[Any]:
         try:
@@ -224,12 +241,24 @@ class _Pass:
         try:
             frames = self.codec.decode(packet)
         except av.error.FFmpegError as exc:
-            if self.last is None:
+            if self.last is None:  # nothing decodes: the video is corrupt
                 raise
-            log.warning("%s: pyav could not decode a packet: %s", self.uri, library_message(exc))
+            self._bad_packet(exc)
             return
+        self.bad_in_a_row = 0
         for frame in frames:
             yield from self._frame(frame)
+
+    def _bad_packet(self, exc: Exception) -> None:
+        """A packet the decoder rejects after good frames: counted (the video's errors row says how many),
+        and after MAX_BAD_PACKETS in a row the rest of the video is given up on as lost."""
+        self.bad_packets += 1
+        self.bad_in_a_row += 1
+        if self.first_bad is None:
+            self.first_bad = library_message(exc)
+            log.warning("%s: pyav could not decode a packet: %s", self.uri, self.first_bad)
+        if self.bad_in_a_row >= MAX_BAD_PACKETS:
+            raise _StreamLost(f"{MAX_BAD_PACKETS} packets in a row could not be decoded")
 
     def _drain(self) -> Iterator[Frame]:
         self.codec.skip_frame = "DEFAULT"
@@ -249,7 +278,8 @@ class _Pass:
 
     def _emit(self, index: int, frame: av.VideoFrame) -> Iterator[Frame]:
         self.decoded += 1
-        self.last = (index, frame)
+        if self.last is None or index > self.last[0]:
+            self.last = (index, frame)  # the latest frame in presentation order
         if index in self.want and index > self.done:
             self.done = index
             yield index, self.scale(frame), self._time(frame)
@@ -279,5 +309,7 @@ class _Pass:
         except av.error.FFmpegError as exc:
             if index < 0:
                 raise
-            log.warning("%s: pyav stopped after %d frames: %s", self.uri, index + 1, library_message(exc))
+            self.bad_packets += 1
+            self.first_bad = self.first_bad or library_message(exc)
+            log.warning("%s: pyav stopped after %d frames: %s", self.uri, index + 1, self.first_bad)
         yield from self._repeat_last()
