@@ -148,16 +148,16 @@ def test_decode_tasks_run_at_the_priority_their_options_ask(ray_session, sample_
 
 
 def _ray_worker_pids() -> set[int]:
+    """Worker processes of this test's own Ray: children of its raylet, never another Ray's on the machine."""
     import psutil
+    import ray
 
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     pids = set()
-    for proc in psutil.process_iter():
+    for proc in psutil.Process(raylet).children(recursive=True):
         try:
-            if (
-                proc.cmdline()[:1]
-                and proc.cmdline()[0].startswith("ray::")
-                and "Agent" not in proc.cmdline()[0]
-            ):
+            title = proc.cmdline()[:1]
+            if title and title[0].startswith("ray::") and "Agent" not in title[0]:
                 pids.add(proc.pid)
         except psutil.Error:
             pass
@@ -229,11 +229,30 @@ def test_cold_start_warning(caplog):
     assert "RAY_idle_worker_killing_time_threshold_ms=600000" in record.getMessage()
 
 
-def test_decode_queued_behind_busy_cpus_is_not_a_timeout(own_ray, tiny_model_dir: Path, sample_videos: Path,
-                                                         tmp_path: Path):  # fmt: skip
+def _metrics(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def _metric_total(text: str, name: str) -> float:
+    """The sum of a Prometheus metric's samples (over its tags), from the /metrics text."""
+    lines = [ln for ln in text.splitlines() if ln.startswith(f"ray_{name}") and not ln.startswith("#")]
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+
+
+def test_decode_queued_behind_busy_cpus_is_not_a_timeout_and_metrics_are_exported(
+    own_ray, tiny_model_dir: Path, sample_videos: Path, tmp_path: Path
+):
     """The timeout clock starts when Ray runs a decode task: a task that waited for a CPU longer than
-    decode.timeout_s (here behind a task holding the CPUs) indexes normally. Needs the dashboard (state API)."""
-    ray = own_ray(address="local", num_cpus=2, include_dashboard=True, _system_config=ray_system_config())
+    decode.timeout_s (here behind a task holding the CPUs) indexes normally (needs the dashboard: the state
+    API). The actors' metrics reach Ray's Prometheus endpoint: clips, videos, latencies."""
+    from tests.s3server import free_port
+
+    port = free_port()
+    ray = own_ray(address="local", num_cpus=2, include_dashboard=True, _metrics_export_port=port,
+                  _system_config={**ray_system_config(), "metrics_report_interval_ms": 1000})  # fmt: skip
     hog = ray.remote(lambda s: time.sleep(s)).options(num_cpus=1).remote(14)  # the actor gets 0.5, decode 0.5
     config = small_job_config(sample_videos, tmp_path / "out", tiny_model_dir, **{
         "execution.executor": "ray", "decode.timeout_s": 5, "execution.decode_num_cpus": 1,
@@ -246,3 +265,17 @@ def test_decode_queued_behind_busy_cpus_is_not_a_timeout(own_ray, tiny_model_dir
         "demo.mp4": "ok",
         "carphone_pristine.mp4": "ok",
     }
+
+    def exported() -> str | None:
+        text = _metrics(port)
+        return text if _metric_total(text, "videoindex_clips") >= result.summary["clips"] else None
+
+    deadline = time.monotonic() + 60
+    while (text := exported()) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert text is not None, "no videoindex_clips on the metrics endpoint within 60 s"
+    assert _metric_total(text, "videoindex_clips") == result.summary["clips"]
+    assert 'status="ok"' in "".join(ln for ln in text.splitlines() if ln.startswith("ray_videoindex_videos"))
+    assert _metric_total(text, "videoindex_videos") == 2
+    assert _metric_total(text, "videoindex_infer_latency_s_count") >= 1
+    assert _metric_total(text, "videoindex_decode_latency_s_count") >= 1

@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import json
 import logging
+from pathlib import Path
 
 import botocore.exceptions
 import pyarrow.dataset as pads
@@ -67,7 +68,12 @@ def _videos(fs: s3fs.S3FileSystem, output: str) -> list[dict]:
     return dataset.to_table().to_pylist()
 
 
-def test_s3_to_s3_job_resume_status_query_without_leaking_secrets(tiny_model_dir, s3, caplog, capsys):
+@pytest.mark.ray
+def test_s3_to_s3_job_resume_status_query_without_leaking_secrets(
+    ray_session, tiny_model_dir, s3, caplog, capfd
+):
+    """On the Ray executor: model actors and decode workers in Ray worker processes, whose logs Ray keeps
+    in its session directory; the secrets must be in none of them."""
     admin = s3.fs()
     _upload_inputs(admin)
     admin.mkdir(OUT)
@@ -75,7 +81,13 @@ def test_s3_to_s3_job_resume_status_query_without_leaking_secrets(tiny_model_dir
     s3.enforce_iam()  # from here on: signed requests, IAM policies, 403s
     output = f"s3://{OUT}/job"
     config = _config(
-        s3, f"s3://{IN}/clips/manifest.csv", output, tiny_model_dir, reader=reader, writer=writer
+        s3,
+        f"s3://{IN}/clips/manifest.csv",
+        output,
+        tiny_model_dir,
+        reader=reader,
+        writer=writer,
+        **{"execution.executor": "ray"},
     )
     caplog.set_level(logging.DEBUG, logger="videoindex")
 
@@ -122,12 +134,18 @@ def test_s3_to_s3_job_resume_status_query_without_leaking_secrets(tiny_model_dir
     secrets = [reader[1], writer[1]]
     job = out.cat_file(f"{OUT}/job/_job.json").decode()
     assert json.loads(job)["config"]["output"]["storage_options"]["secret"] == "***"
-    printed = capsys.readouterr()
+    printed = capfd.readouterr()  # this process's and its children's stdout and stderr
     for name in out.find(f"{OUT}/job"):
         blob = out.cat_file(name)
         assert not any(secret.encode() in blob for secret in secrets), name
     for text in (job, caplog.text, printed.out, printed.err, json.dumps(result.summary)):
         assert not any(secret in text for secret in secrets)
+    logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())
+    worker_logs = [p for p in logs.rglob("*") if p.is_file()]
+    assert any("worker" in p.name for p in worker_logs)  # the actors' and decode workers' own logs
+    for path in worker_logs:
+        blob = path.read_bytes()
+        assert not any(secret.encode() in blob for secret in secrets), path
 
 
 def test_missing_input_bucket_is_a_plan_error(s3, tiny_model_dir):

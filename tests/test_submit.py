@@ -7,6 +7,7 @@ that group only (never ``ray stop``, which would also stop any other Ray on the 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -254,6 +255,12 @@ def test_submit_job_follow_indexes_the_demo(ray_head, tmp_path, tiny_model_dir, 
     status = job_status(ray_head, result.submission_id)
     assert status["status"] == "SUCCEEDED" and status["output"] == str(tmp_path / "out")
     assert status["entrypoint"] == f"python jobs/index_job.py env:{CONFIG_ENV}"
+    from videoindex.cli import main  # `videoindex status SUBMISSION_ID --address`: the same, as JSON
+
+    capsys.readouterr()
+    assert main(["status", result.submission_id, "--address", ray_head]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["status"] == "SUCCEEDED" and printed["output"] == str(tmp_path / "out")
 
 
 def test_plain_ray_job_submit(ray_head, tmp_path, tiny_model_dir):
