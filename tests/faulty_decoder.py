@@ -2,7 +2,8 @@
 
 It opens videos with the real decoder, after misbehaving on request: a sibling file ``VIDEO.hang``
 makes it sleep forever, ``VIDEO.crash`` kills the worker process, ``VIDEO.slow`` (or the env var
-VIDEOINDEX_TEST_SLOW_S) sleeps a while first so that a test can kill things mid-shard. Removing the
+VIDEOINDEX_TEST_SLOW_S) sleeps a while first so that a test can kill things mid-shard, ``VIDEO.hog``
+(holding a number of MiB) allocates that much, in steps, as a runaway decode would. Removing the
 sibling file "repairs" the video for a resume.
 """
 
@@ -23,6 +24,19 @@ def open_faulty(uri: str, *, decoder: str, fs: Any, fallback_to_pyav: bool) -> A
             time.sleep(3600)
     if os.path.exists(f"{path}.crash"):
         os._exit(13)
+    if os.path.exists(f"{path}.hog"):
+        _hog(int(Path(f"{path}.hog").read_text()))
     if os.path.exists(f"{path}.slow"):
         time.sleep(float(Path(f"{path}.slow").read_text() or 1.0))
     return open_video(uri, decoder=decoder, fs=fs, fallback_to_pyav=fallback_to_pyav)
+
+
+def _hog(mib: int) -> None:
+    """Allocate and touch ``mib`` MiB, 128 MiB every 50 ms (slow enough for a memory monitor to see it)."""
+    import numpy as np
+
+    held = []
+    for _ in range(mib // 128):
+        held.append(np.ones(128 * 2**20, np.uint8))
+        time.sleep(0.05)
+    del held

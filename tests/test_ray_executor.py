@@ -279,3 +279,28 @@ def test_decode_queued_behind_busy_cpus_is_not_a_timeout_and_metrics_are_exporte
     assert _metric_total(text, "videoindex_videos") == 2
     assert _metric_total(text, "videoindex_infer_latency_s_count") >= 1
     assert _metric_total(text, "videoindex_decode_latency_s_count") >= 1
+
+
+def test_a_decode_killed_by_rays_memory_monitor_is_out_of_memory(
+    own_ray, tiny_model_dir, sample_videos, tmp_path
+):
+    """A real decode whose memory runs away (past Ray's memory monitor threshold, set 3.5 GiB above what the
+    machine uses now: about 1.5 GiB for this Ray, its actor and workers, 2 GiB for the decode; far below
+    decode.max_memory_mb): Ray kills its worker, the video is an out_of_memory row saying so after Ray's
+    retries, and the job goes on with the next video."""
+    import psutil
+
+    memory = psutil.virtual_memory()
+    threshold = (memory.total - memory.available + 3.5 * 2**30) / memory.total
+    own_ray(address="local", num_cpus=2, include_dashboard=False, _system_config={
+        **ray_system_config(), "memory_usage_threshold": threshold, "memory_monitor_refresh_ms": 100})  # fmt: skip
+    (sample_videos / "demo.mp4.hog").write_text("8192")  # stops at 8 GiB if the monitor never acts
+    config = small_job_config(sample_videos, tmp_path / "out", tiny_model_dir, **{
+        "execution.executor": "ray", "decode.decoder": "tests.faulty_decoder:open_faulty",
+        "decode.max_memory_mb": 16384, "decode.timeout_s": 300, "execution.actors": 1})  # fmt: skip
+    result = run_job(config)
+    videos = videos_by_name(tmp_path / "out")
+    assert result.exit_code == EXIT_VIDEOS_FAILED
+    assert videos["demo.mp4"]["error_type"] == "out_of_memory", videos["demo.mp4"]["error_message"]
+    assert "Ray's memory monitor" in videos["demo.mp4"]["error_message"]
+    assert videos["carphone_pristine.mp4"]["status"] == "ok"

@@ -304,11 +304,17 @@ class ModelActor:
 #   workers it starts for queued tasks: two idle extra workers per burst, measured.)
 # - Workers Ray starts ahead of need would idle all job long: each wakes 100 times a second and takes CPU
 #   from the model's threads, so none are prestarted (warm_decode_workers instead).
+# - A task Ray's memory monitor kills is retried without end by default (task_oom_retries -1): a video
+#   whose decode always outgrows the node ran until decode.timeout_s, again and again, and then failed as
+#   a timeout. Two OOM retries, as for crashes, then the video is an out_of_memory row
+#   (tests/test_ray_executor.py: test_a_decode_killed_by_rays_memory_monitor_is_out_of_memory).
 IDLE_WORKER_KEEP_S = 600
+DECODE_OOM_RETRIES = 2
 RAY_SYSTEM_CONFIG: Mapping[str, Any] = MappingProxyType({
     "idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_S * 1000,
     "enable_worker_prestart": False,
     "prestart_worker_first_driver": False,
+    "task_oom_retries": DECODE_OOM_RETRIES,
 })  # fmt: skip
 
 
