@@ -222,7 +222,8 @@ def _cli_args(address: str, config: str, **flags):
     import argparse
 
     defaults = {"address": address, "config": config, "follow": False, "no_wait": False, "working_dir": None,
-                "pip": None, "env": None, "resume": False, "retry_failed": False, "set": None}  # fmt: skip
+                "pip": None, "env": None, "resume": False, "retry_failed": False, "set": None, "update": False,
+                "allow_mass_delete": False}  # fmt: skip
     return argparse.Namespace(**{**defaults, **flags})
 
 
@@ -261,6 +262,11 @@ def test_submit_job_follow_indexes_the_demo(ray_head, tmp_path, tiny_model_dir, 
     assert main(["status", result.submission_id, "--address", ray_head]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["status"] == "SUCCEEDED" and printed["output"] == str(tmp_path / "out")
+
+    shutil.copy(SAMPLES / "carphone_pristine.mp4", tmp_path / "in" / "carphone.mp4")  # `submit --update`
+    assert run_submit_cli(_cli_args(ray_head, str(config), update=True, follow=True)) == 0
+    assert "update to generation 1: 1 new, 0 changed, 0 deleted, 1 unchanged" in capsys.readouterr().out
+    assert _clip_rows(tmp_path / "out") == 4
 
 
 def test_plain_ray_job_submit(ray_head, tmp_path, tiny_model_dir):

@@ -87,6 +87,18 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--rerun", action="store_true", help="re-process committed shards too (files are overwritten)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        default=None,
+        help="list INPUT again and index only new and changed videos; drop the rows of deleted ones",
+    )
+    p.add_argument(
+        "--allow-mass-delete",
+        action="store_true",
+        default=None,
+        help="with --update: allow deleting more than half of the index's videos",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,6 +111,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["model.random_weights"] = True
     if args.thumbnails:
         out["output.thumbnails"] = True
+    if getattr(args, "update", None):
+        out["input.update"] = True
+    if getattr(args, "allow_mass_delete", None):
+        out["input.allow_mass_delete"] = True
     if args.storage_option:
         options = parse_storage_options(args.storage_option)
         out["input.storage_options"] = options
@@ -193,6 +209,17 @@ def _extra_registrars() -> list[Any]:
 
 def _print_summary(summary: dict[str, Any], random_weights: bool) -> None:
     print("videoindex: done")
+    update = summary.get("update")
+    if update is not None:
+        changes = f"{update['new']} new, {update['changed']} changed, {update['deleted']} deleted"
+        if update["new"] or update["changed"] or update["deleted"]:
+            print(
+                f"  update            generation {summary['generation']}: {changes}, {update['unchanged']} unchanged"
+            )
+        else:
+            print(
+                f"  update            nothing changed since generation {summary['generation']}: nothing written"
+            )
     for key in ("output", "videos", "videos_ok", "videos_error", "clips", "clips_per_s", "wall_s",
                 "shards_committed", "shards_failed"):  # fmt: skip
         print(f"  {key:<17} {summary.get(key)}")

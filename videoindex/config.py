@@ -34,6 +34,8 @@ class InputConfig:
     uri: str = ""
     extensions: tuple[str, ...] = VIDEO_EXTENSIONS
     storage_options: Mapping[str, Any] = field(default_factory=dict)
+    update: bool = False  # list again and index only what changed since the last run (job/update.py)
+    allow_mass_delete: bool = False  # let an update delete more than half of the index
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class JobConfig:
 
 # Settings that change what lands in the tables. A job may be resumed with other execution settings,
 # but never with other values of these.
+INPUT_RUN_ONLY = ("storage_options", "update", "allow_mass_delete")  # how this run lists, not what is indexed
 OUTPUT_AFFECTING = ("input", "sampling", "decode.decoder", "decode.fallback_to_pyav", "decode.scale", "preprocess",
                     "model")  # fmt: skip
 
@@ -339,7 +342,7 @@ def output_affecting(config_dict: Mapping[str, Any]) -> dict[str, Any]:
         if key:
             value = value.get(key) if isinstance(value, Mapping) else None
         if section == "input" and isinstance(value, Mapping):
-            value = {k: v for k, v in value.items() if k != "storage_options"}
+            value = {k: v for k, v in value.items() if k not in INPUT_RUN_ONLY}
         picked[dotted] = value
     picked["output.shard_size"] = config_dict.get("output", {}).get("shard_size")
     picked["output.thumbnails"] = config_dict.get("output", {}).get("thumbnails")

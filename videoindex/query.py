@@ -36,6 +36,7 @@ from videoindex import storage
 from videoindex.config import ConfigError, parse_storage_options
 from videoindex.format import layout, schemas
 from videoindex.format.errortypes import RETRYABLE_ERROR_TYPES
+from videoindex.format.jobrecord import generation_fields
 from videoindex.format.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,9 @@ class Index:
     def summary(self) -> pa.Table:
         """One row: what the index holds and which model produced it (from the ledger's shard stats)."""
         model = {"model": self.model.get("tag"), "random_weights": bool(self.model.get("random_weights"))}
-        shards = {"shards_committed": len(self.committed), "shards_total": self.shards_total}
+        generation = generation_fields(self.job)
+        shards = {"shards_committed": len(self.committed), "shards_total": self.shards_total,
+                  "generation": generation["generation"], "last_update": generation["last_update"]}  # fmt: skip
         counts = self._summary_from_stats()
         if counts is not None:
             labels_seen = {"labels_seen": counts.pop("labels_seen")}

@@ -139,6 +139,10 @@ def _summary_fields(summary: dict[str, Any], timing: dict[str, Any]) -> list[dic
         value = timing[f]
         shown = _number(value) + unit if value is not None else "n/a"
         fields.append({"field": f, "title": title, "value": value, "shown": shown})
+    fields.append({"field": "generation", "title": "index generation", "value": summary["generation"],
+                   "shown": _number(summary["generation"])})  # fmt: skip
+    fields.append({"field": "last_update", "title": "last update (--update)", "value": summary["last_update"],
+                   "shown": summary["last_update"] or "never"})  # fmt: skip
     return fields
 
 

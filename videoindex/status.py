@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from videoindex import storage
-from videoindex.format.jobrecord import read_job
+from videoindex.format.jobrecord import generation_fields, read_job
 from videoindex.format.ledger import STALLED_AFTER, Ledger, committed_totals
 
 DEFAULT_HEARTBEAT_S = 30.0
@@ -75,6 +75,7 @@ def job_status(
         "model": record["model"]["tag"],
         "random_weights": record["model"]["random_weights"],
         "videos_planned": record["plan"]["videos"],
+        **generation_fields(record),
         "job": job,
         "shards": {"total": total, **counts},
         **totals,
@@ -97,6 +98,10 @@ def job_status(
     }
 
 
+def _changes(counts: dict[str, Any]) -> str:
+    return f"{counts['new']} new, {counts['changed']} changed, {counts['deleted']} deleted"
+
+
 def render_status(report: dict[str, Any]) -> str:
     shards, job = report["shards"], report["job"]
     state = job["state"]
@@ -106,6 +111,12 @@ def render_status(report: dict[str, Any]) -> str:
         f"output   {report['output']}",
         f"model    {report['model']}" + ("   (RANDOM WEIGHTS)" if report["random_weights"] else ""),
         f"job      {state}",
+        f"index    generation {report['generation']}"
+        + (
+            f", last update {report['last_update']} ({_changes(report['last_update_counts'])})"
+            if report["last_update"]
+            else ", never updated"
+        ),
         f"shards   {shards['committed']}/{shards['total']} committed, {shards['running']} running, "
         f"{shards['stalled']} stalled, {shards['failed']} failed, {shards['pending']} pending  "
         f"({report['attempts']} attempts)",

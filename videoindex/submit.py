@@ -237,6 +237,12 @@ def register_submit_cli(subparsers: Any) -> None:
     p.add_argument(
         "--retry-failed", action="store_true", help="also re-index failed videos of retryable types"
     )
+    p.add_argument(
+        "--update", action="store_true", help="index only what changed in the input (input.update=true)"
+    )
+    p.add_argument(
+        "--allow-mass-delete", action="store_true", help="with --update: allow deleting over half the index"
+    )
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="config override (repeatable)")  # fmt: skip
 
 
@@ -245,6 +251,8 @@ def run_submit_cli(args: argparse.Namespace) -> int:
 
     address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     job_args = [*(["--resume"] if args.resume else []), *(["--retry-failed"] if args.retry_failed else [])]
+    job_args += ["--set", "input.update=true"] if args.update else []
+    job_args += ["--set", "input.allow_mass_delete=true"] if args.allow_mass_delete else []
     for pair in args.set or []:
         job_args += ["--set", pair]
     try:

@@ -58,6 +58,26 @@ def job_record(config: JobConfig, info: Any, videos: int, shards: int) -> dict[s
     }
 
 
+def generations(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The index's generations, oldest first: the first run, then each ``run --update`` (when, and how many
+    videos were new, changed and deleted). Records written before updates existed imply the first one."""
+    found = record.get("generations")
+    if found:
+        return list(found)
+    return [{"generation": 0, "at": record.get("created_at"), "videos": record.get("plan", {}).get("videos")}]
+
+
+def generation_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """What status, query summary and the report show of the index's generation and last update."""
+    last = generations(record)[-1]
+    updated = int(last.get("generation", 0)) > 0
+    return {
+        "generation": int(last.get("generation", 0)),
+        "last_update": last.get("at") if updated else None,
+        "last_update_counts": {k: last.get(k) for k in ("new", "changed", "deleted")} if updated else None,
+    }
+
+
 def read_job(fs: Any, root: str) -> dict[str, Any] | None:
     path = storage.join(root, JOB_FILE)
     return storage.read_json(fs, path) if storage.exists(fs, path) else None

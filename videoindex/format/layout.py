@@ -3,12 +3,13 @@
 Layout (all names derive from the shard id, so a re-run overwrites, never duplicates)::
 
     _job.json                                 settings, model, label map, versions
-    _plan/plan.parquet                        uri, video_id, size, mtime, shard (sorted)
+    _plan/plan.parquet                        uri, video_id, size, mtime, shard (sorted by shard, uri)
+    _plan/plan-00003.parquet                  the plan after update 3 (`run --update`; _job.json names it)
     clips/shard=00042/part-00042.parquet      one row per clip
     videos/shard=00042/part-00042.parquet     one row per input video
     errors/shard=00042/part-00042.parquet     one row per error met (also non-fatal ones)
-    _ledger/committed/shard-00042.json        commit marker + shard stats, written last
-    _ledger/attempts/shard-00042.a01....json  attempt history (started / failed)
+    _ledger/log/{run}-{seq}.s00042.a01.committed.json   commit event + shard stats, written last
+    _ledger/checkpoints/{position}.parquet    every shard's settled state (format/ledger.py)
 
 ``shard`` is a Hive partition column (not stored inside the files), so
 ``pyarrow.dataset.dataset(OUTPUT + "/clips", partitioning="hive")`` and DuckDB's ``hive_partitioning``
@@ -23,6 +24,11 @@ SHARD_WIDTH = 5
 JOB_FILE = "_job.json"
 PLAN_FILE = "_plan/plan.parquet"
 LEDGER_DIR = "_ledger"
+
+
+def plan_file(generation: int) -> str:
+    """The plan of a generation, relative to OUTPUT: the first plan keeps its name, each update adds one."""
+    return PLAN_FILE if generation == 0 else f"_plan/plan-{generation:05d}.parquet"
 
 
 def shard_name(shard: int) -> str:

@@ -87,5 +87,10 @@ PLAN_SCHEMA = pa.schema(
         pa.field("mtime", pa.string()),
         pa.field("extra", pa.string()),
         pa.field("shard", pa.int32(), nullable=False),
+        # Added by `run --update` (plans written before it read these as null): the object's ETag as listed,
+        # the plan generation that last added, changed or deleted the row, and whether the input is gone.
+        pa.field("etag", pa.string()),
+        pa.field("generation", pa.int32()),
+        pa.field("deleted", pa.bool_()),
     ]
 )

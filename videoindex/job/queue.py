@@ -3,8 +3,8 @@
 Plain Python shared by every executor (datatrove's lesson: one run loop's bookkeeping, not one per
 executor). A shard attempt that raises (a write that failed, an actor or node lost) is an infrastructure
 failure: it is recorded in the ledger and retried until ``execution.max_attempts`` tries in this run;
-bad videos never fail a shard (they are rows). A shard's videos come from the driver's plan, sliced by
-row range (shard k holds rows [k*shard_size, (k+1)*shard_size)), so no worker reads the plan again.
+bad videos never fail a shard (they are rows). A shard's videos come from the driver's plan (found by
+binary search on its shard column), so no worker reads the plan again.
 Each attempt gets its key in the ledger's log when it is handed out (``run`` then a sequence number), and
 every ``checkpoint_every`` commits the queue writes a ledger checkpoint.
 """
@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from videoindex.format.layout import shard_name
 from videoindex.format.ledger import Ledger, attempt_key
-from videoindex.format.plans import shard_tasks
+from videoindex.format.plans import ShardRows, shard_tasks
 from videoindex.job.shard import ShardWork
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,10 @@ log = logging.getLogger(__name__)
 class ShardQueue:
     """Pending shard attempts, in order; committed stats and final failures of this run."""
 
-    def __init__(self, ledger: Ledger, plan: pa.Table, shard_size: int, max_attempts: int, *, run: int,
+    def __init__(self, ledger: Ledger, plan: pa.Table, max_attempts: int, *, run: int, generation: int = 0,
                  checkpoint_every: int = 1000) -> None:  # fmt: skip
-        self.ledger, self.plan, self.shard_size, self.max_attempts = ledger, plan, shard_size, max_attempts
-        self.run, self.checkpoint_every = run, checkpoint_every
+        self.ledger, self.rows, self.max_attempts = ledger, ShardRows(plan), max_attempts
+        self.run, self.generation, self.checkpoint_every = run, generation, checkpoint_every
         self.pending: deque[ShardWork] = deque()
         self.committed: dict[int, dict[str, Any]] = {}
         self.failed: dict[int, str] = {}
@@ -43,8 +43,9 @@ class ShardQueue:
 
     def add(self, shard: int, attempt: int, video_ids: tuple[str, ...] | None = None, *, replaces: bool = False
             ) -> None:  # fmt: skip
-        videos = tuple(shard_tasks(self.plan.slice(shard * self.shard_size, self.shard_size)))
-        self.pending.append(ShardWork(shard, attempt, videos, video_ids, replaces=replaces))
+        videos = tuple(shard_tasks(self.rows(shard)))
+        work = ShardWork(shard, attempt, videos, video_ids, replaces=replaces, generation=self.generation)
+        self.pending.append(work)
 
     def __len__(self) -> int:
         return len(self.pending)

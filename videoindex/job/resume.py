@@ -52,6 +52,7 @@ def job_config_from_output(
         for key, value in values.items():
             flat[f"{section}.{key}"] = value
     flat["output.uri"] = output
+    flat["input.update"] = flat["input.allow_mass_delete"] = False  # a resume finishes the plan in force
     for side in ("input", "output"):  # secrets were redacted in _job.json: never reuse the "***" placeholders
         kept = _without_redacted(flat.get(f"{side}.storage_options") or {})
         flat[f"{side}.storage_options"] = {**kept, **(storage_options or {})}

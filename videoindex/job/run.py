@@ -23,10 +23,11 @@ from videoindex.config import JobConfig
 from videoindex.format.jobrecord import check_compatible, job_record, read_job, refuse_foreign_tables
 from videoindex.format.layout import JOB_FILE
 from videoindex.format.ledger import Heartbeat, Ledger, LedgerView, committed_totals
-from videoindex.format.plans import read_plan, shard_count, write_plan
+from videoindex.format.plans import plan_file_of, read_plan, shard_count, write_plan
 from videoindex.job.context import JobContext, decode_settings
 from videoindex.job.queue import ShardQueue
 from videoindex.job.resume import failed_videos
+from videoindex.job.update import PlanDiff, update_plan
 from videoindex.stages import plan as planning
 from videoindex.stages.checkpoint import ModelInfo, resolve_model
 
@@ -43,13 +44,17 @@ class JobResult:
 
 
 def prepare_output(config: JobConfig, info: ModelInfo, fs: Any, root: str, *, must_exist: bool
-                   ) -> tuple[pa.Table, dict[str, Any]]:  # fmt: skip
-    """Write (or check and reuse) the job record and the plan; returns the plan and the record."""
+                   ) -> tuple[pa.Table, dict[str, Any], PlanDiff | None]:  # fmt: skip
+    """Write (or check and reuse) the job record and the plan, updated first with ``input.update``;
+    returns the plan in force, the record and the update's diff (None without an update)."""
     storage.check_output_writable(fs, root, config.output.uri)  # fail in seconds, before listing the input
     existing = read_job(fs, root)
     if existing is not None:
         check_compatible(existing, config, info, config.output.uri)
-        return read_plan(fs, root), existing
+        plan = read_plan(fs, root, file=plan_file_of(existing))
+        if not config.input.update:
+            return plan, existing, None
+        return update_plan(config, fs, root, plan, existing, allow_mass_delete=config.input.allow_mass_delete)
     if must_exist:
         raise FileNotFoundError(f"{config.output.uri} has no {JOB_FILE}: nothing to resume")
     refuse_foreign_tables(fs, root, config.output.uri)
@@ -58,21 +63,41 @@ def prepare_output(config: JobConfig, info: ModelInfo, fs: Any, root: str, *, mu
     write_plan(fs, root, plan, config.output.shard_size)
     record = job_record(config, info, plan.num_rows, shard_count(plan))
     storage.write_json(fs, storage.join(root, JOB_FILE), record)
+    if config.input.update:
+        log.info("update: %s holds no index yet, so everything is indexed", config.output.uri)
     log.info("planned %d videos in %d shards", plan.num_rows, shard_count(plan))
-    return plan, record
+    return plan, record, None
 
 
-def _queue(config: JobConfig, ledger: Ledger, view: LedgerView, plan: pa.Table, shards: int, *,
+def outdated_videos(plan: pa.Table, view: LedgerView) -> dict[int, set[str]]:
+    """Per committed shard, the videos an update added, changed or deleted after the shard's commit."""
+    committed = view.committed()
+    since = {s: int((view.state(s).stats or {}).get("generation", 0)) for s in committed}
+    rows = plan.select(["shard", "video_id", "generation"]).to_pylist() if plan.num_rows else []
+    found: dict[int, set[str]] = {}
+    for row in rows:
+        shard = row["shard"]
+        if shard in since and row["generation"] > since[shard]:
+            found.setdefault(shard, set()).add(row["video_id"])
+    return found
+
+
+def _queue(config: JobConfig, ledger: Ledger, view: LedgerView, plan: pa.Table, record: dict[str, Any], *,
            rerun: bool, retry: str | None, run: int) -> ShardQueue:  # fmt: skip
-    queue = ShardQueue(ledger, plan, config.output.shard_size, config.execution.max_attempts, run=run,
+    generation = int(record["plan"].get("generation", 0))
+    queue = ShardQueue(ledger, plan, config.execution.max_attempts, run=run, generation=generation,
                        checkpoint_every=config.execution.checkpoint_every)  # fmt: skip
     committed = view.committed()
-    for shard in range(shards):
-        if rerun or shard not in committed:
-            queue.add(shard, view.state(shard).attempts + 1, replaces=shard in committed)
+    partial = {} if rerun else outdated_videos(plan, view)
     if retry is not None:
         for shard, ids in failed_videos(ledger.fs, ledger.root, committed, all_errors=retry == "all").items():
-            queue.add(shard, view.state(shard).attempts + 1, ids, replaces=True)
+            partial.setdefault(shard, set()).update(ids)
+    for shard in range(int(record["plan"]["shards"])):
+        attempt = view.state(shard).attempts + 1
+        if rerun or shard not in committed:
+            queue.add(shard, attempt, replaces=shard in committed)
+        elif shard in partial:
+            queue.add(shard, attempt, tuple(sorted(partial[shard])), replaces=True)
     return queue
 
 
@@ -123,18 +148,22 @@ def run_job(
         log.warning("RANDOM WEIGHTS: %s runs with seeded random weights of the real architecture; "
                     "labels are meaningless (recorded in _job.json and every row)", info.name)  # fmt: skip
     fs, root = storage.filesystem(config.output.uri, config.output.storage_options)
-    plan, record = prepare_output(config, info, fs, root, must_exist=resume)
+    plan, record, diff = prepare_output(config, info, fs, root, must_exist=resume)
     shards = int(record["plan"]["shards"])
     ledger = Ledger(fs, root)
     view = ledger.view()
     run = new_run_id(view)
     retry = ("all" if retry_all_errors else "retryable") if (retry_failed or retry_all_errors) else None
-    queue = _queue(config, ledger, view, plan, shards, rerun=rerun, retry=retry, run=run)
+    queue = _queue(config, ledger, view, plan, record, rerun=rerun, retry=retry, run=run)
     result = JobResult(EXIT_OK, {"output": config.output.uri, "shards": shards, "shards_to_run": len(queue),
-                                 "executor": config.execution.executor})  # fmt: skip
+                                 "executor": config.execution.executor,
+                                 "generation": int(record["plan"].get("generation", 0))})  # fmt: skip
+    if diff is not None:
+        result.summary["update"] = diff.counts()
     if queue:
+        to_index = sum(len(w.videos) if w.video_ids is None else len(w.video_ids) for w in queue.pending)
         context = JobContext(config, info, decode_settings(config, info), config.output.uri,
-                             videos=int(record["plan"]["videos"]), shards=shards)  # fmt: skip
+                             videos=to_index, shards=shards)  # fmt: skip
         from videoindex.job.progress import JobProgress
 
         enabled = config.execution.progress if progress is None else progress

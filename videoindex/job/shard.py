@@ -47,6 +47,7 @@ class ShardWork:
     video_ids: tuple[str, ...] | None = None  # re-index only these videos of a committed shard
     key: str = ""  # the attempt's place in the ledger's log (format.ledger.attempt_key)
     replaces: bool = False  # the shard is committed: withdraw that commit before rewriting its files
+    generation: int = 0  # the plan generation this attempt brings the shard up to (job.update)
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ class ShardIndexer:
 
     def _index(self, work: ShardWork, started: float) -> dict[str, Any]:
         videos = work.videos
-        if work.video_ids is not None:
+        if work.video_ids is not None:  # ids of videos gone from the input are dropped, not indexed
             previous = read_shard_tables(self.fs, self.root, work.shard)
             videos = tuple(v for v in videos if v.video_id in set(work.video_ids))
         log.info("[shard %s] attempt %d: %d videos", shard_name(work.shard), work.attempt, len(videos))
@@ -211,6 +212,6 @@ class ShardIndexer:
         written = write_shard_tables(self.fs, self.root, work.shard, tables, metadata=self.metadata,
                                      clips_row_group_size=self.context.config.output.clips_row_group_size)  # fmt: skip
         stats = {**out.stats, **stats_from_tables(tables), "shard": work.shard, "attempt": work.attempt,
-                 "started_at": started, "finished_at": time.time(), "bytes_written": written, **self.where}  # fmt: skip
+                 "generation": work.generation, "started_at": started, "finished_at": time.time(), "bytes_written": written, **self.where}  # fmt: skip
         self.ledger.event(work.key, work.shard, work.attempt, "committed", stats)
         return stats

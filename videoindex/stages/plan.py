@@ -1,8 +1,9 @@
 """Plan a job: list the inputs, give each a stable id, cut them into deterministic shards.
 
 Requires an InputConfig (directory/prefix, glob, or manifest). Produces a pyarrow table with
-PLAN_SCHEMA (uri, video_id, size_bytes, mtime, extra, shard) sorted by uri; shard k holds rows
-[k*shard_size, (k+1)*shard_size). ``format.plans`` stores it once per job (``_plan/plan.parquet``).
+PLAN_SCHEMA (uri, video_id, size_bytes, mtime, extra, shard, etag, generation, deleted) sorted by uri;
+shard k holds rows [k*shard_size, (k+1)*shard_size). ``format.plans`` stores it once per job
+(``_plan/plan.parquet``); ``job.update`` diffs a new listing against it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def _mtime(info: dict[str, Any]) -> str | None:
     return None
 
 
+def _etag(info: dict[str, Any]) -> str | None:
+    value = info.get("ETag", info.get("etag"))
+    return None if value is None else str(value).strip('"')
+
+
 def _has_extension(path: str, extensions: tuple[str, ...]) -> bool:
     lowered = path.lower()
     return any(lowered.endswith(ext.lower()) for ext in extensions)
@@ -75,6 +81,7 @@ def _listing_rows(
                 "size_bytes": None if info.get("type") == "directory" else info.get("size"),
                 "mtime": _mtime(info),
                 "extra": None,
+                "etag": _etag(info),
             }
         )
     return rows
@@ -117,13 +124,14 @@ def _manifest_rows(fs: Any, path: str) -> list[dict[str, Any]]:
                 "size_bytes": int(size) if isinstance(size, (int, float)) else None,
                 "mtime": str(extra["mtime"]) if "mtime" in extra else None,
                 "extra": json.dumps(extra, sort_keys=True, default=str) if extra else None,
+                "etag": str(extra["etag"]) if "etag" in extra else None,
             }
         )
     return rows
 
 
 def list_inputs(cfg: InputConfig) -> list[dict[str, Any]]:
-    """Rows of uri/size_bytes/mtime/extra for a directory (recursive), a glob, or a manifest file.
+    """Rows of uri/size_bytes/mtime/extra/etag for a directory (recursive), a glob, or a manifest file.
 
     Raises PlanError, before any work, when the input root is unusable: a missing or denied bucket, a
     path that does not exist, a glob that matches nothing in a missing bucket.
@@ -195,6 +203,9 @@ def make_plan(rows: list[dict[str, Any]], shard_size: int) -> pa.Table:
             "mtime": [r["mtime"] for r in ordered],
             "extra": [r["extra"] for r in ordered],
             "shard": [i // shard_size for i in range(len(uris))],
+            "etag": [r.get("etag") for r in ordered],
+            "generation": [0] * len(uris),
+            "deleted": [False] * len(uris),
         },
         schema=PLAN_SCHEMA,
     )
