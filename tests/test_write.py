@@ -40,3 +40,28 @@ def test_interrupted_write_leaves_only_a_hidden_temp_file(tmp_path: Path, monkey
     assert len(leftovers) == 2 and any(n.startswith(".part-00001.parquet.tmp-") for n in leftovers)
     # pyarrow's dataset discovery skips dot files: readers see only the whole file
     assert ds.dataset(tmp_path / "videos", partitioning="hive").to_table()["x"].to_pylist() == [1, 2]
+
+
+def test_a_withdrawn_commit_stays_withdrawn_until_a_later_attempt_commits(tmp_path: Path) -> None:
+    """A rewrite killed between its `uncommitted` event and its commit leaves half-rewritten files: the shard
+    is not committed, also while the next attempt (which writes no withdrawal of its own) runs or after it
+    failed, until an attempt commits; the same when read through a checkpoint."""
+    from videoindex import storage
+    from videoindex.format.ledger import Ledger, attempt_key
+
+    ledger = Ledger(*storage.filesystem(str(tmp_path)))
+    ledger.event(attempt_key(1, 1), 0, 1, "started", {})
+    ledger.event(attempt_key(1, 1), 0, 1, "committed", {"videos": 1})
+    ledger.event(attempt_key(2, 1), 0, 2, "started", {})
+    ledger.event(attempt_key(2, 1), 0, 2, "uncommitted", {})  # killed here
+    assert ledger.view().state(0).status == "running" and not ledger.view().committed()
+    ledger.event(attempt_key(3, 1), 0, 3, "started", {})  # the resume's attempt: a whole-shard rewrite
+    assert not ledger.view().committed()
+    ledger.write_checkpoint(ledger.view())
+    assert not ledger.view().committed()
+    ledger.event(attempt_key(3, 1), 0, 3, "failed", {"reason": "node lost", "final": True})
+    assert ledger.view().state(0).status in ("running", "failed") and not ledger.view().committed()
+    ledger.event(attempt_key(4, 1), 0, 4, "started", {})
+    ledger.event(attempt_key(4, 1), 0, 4, "committed", {"videos": 1})
+    ledger.write_checkpoint(ledger.view())
+    assert ledger.view().committed() == {0} and ledger.view().state(0).stats["videos"] == 1

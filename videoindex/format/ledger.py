@@ -125,6 +125,8 @@ class LedgerView:
         state.attempts = max(state.attempts, attempt.attempt)
         events = attempt.events
         if "committed" not in events and "failed" not in events:  # unfinished: not settled
+            if "uncommitted" in events:  # its files may be half rewritten: never committed again until
+                state.committed = False  # a later attempt commits (also when that one writes no withdrawal)
             if "started" in events or "uncommitted" in events:
                 record = dict(events.get("started") or {})
                 state.running = {**record, "key": attempt.key, "attempt": attempt.attempt,
