@@ -32,6 +32,7 @@ def test_run_then_status(ray_session, tiny_model_dir, sample_videos, tmp_path, c
         "stalled": 0,
         "failed": 0,
         "pending": 0,
+        "pending_update": 0,
     }
     assert report["job"]["state"] == "finished" and "continue_with" not in report["job"]
     assert report["videos_ok"] == 2 and report["clips"] > 0

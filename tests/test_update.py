@@ -132,6 +132,10 @@ def test_update_indexes_only_what_changed_and_equals_a_fresh_index(tiny_model_di
     summary = capsys.readouterr().out
     assert '"generation": 1' in summary and record["generations"][1]["at"] in summary
     assert '"videos": 6' in summary
+    assert main(["report", str(output), "--out", str(tmp_path / "report.html")]) == 0
+    html = (tmp_path / "report.html").read_text()
+    assert "index generation" in html and record["generations"][1]["at"] in html
+    capsys.readouterr()
 
     before = _files(output)  # nothing changed: nothing written, and it says so
     code = main(["run", str(folder), str(output), "--model", str(tiny_model_dir), "--shard-size", "2",
@@ -205,43 +209,68 @@ def _wait_for(condition, timeout: float = 120.0):
     raise AssertionError(f"condition not met in {timeout:g} s")
 
 
-def test_update_killed_midway_is_finished_by_resume(tiny_model_dir, tmp_path):
-    """SIGKILL the update's driver once its first shard is committed; `resume` finishes the update, and the
-    index equals a fresh index of the changed collection. A stray next-generation plan (an update killed
-    before _job.json named it) changes nothing."""
-    folder, output, fresh = tmp_path / "in", tmp_path / "out", tmp_path / "fresh"
+def test_update_killed_at_either_point_is_finished_by_resume(tiny_model_dir, tmp_path):
+    """An update killed after writing its plan but before _job.json named it, then one killed (SIGKILL) once
+    its first shard is committed: `status` says the job must be resumed, `resume` finishes each update, and
+    each time the index equals a fresh index of the changed collection."""
+    from videoindex.config import InputConfig
+    from videoindex.format.layout import plan_file
+    from videoindex.format.plans import read_plan, write_plan
+    from videoindex.job.update import diff_plan, listing_table
+    from videoindex.stages.plan import list_inputs
+
+    folder, output = tmp_path / "in", tmp_path / "out"
     folder.mkdir()
     for i in range(8):
         _video(folder / f"v{i}.mp4", 20 + 2 * i, mtime=1_700_000_000)
     assert run_job(_config(folder, output, tiny_model_dir)).exit_code == 0
-    (output / "_plan" / "plan-00001.parquet").write_bytes(b"a plan whose update never got named")
-    assert run_job(_config(folder, output, tiny_model_dir)).summary["shards_to_run"] == 0
-    for i in (0, 2, 4, 6):
-        _video(folder / f"v{i}.mp4", 30 + i, mtime=1_800_000_000)  # a change in every shard
-    _video(folder / "v9.mp4", 18)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    resume = [sys.executable, "-m", "videoindex.cli", "resume", str(output), "--no-progress"]
 
+    _video(folder / "v1.mp4", 31, mtime=1_800_000_000)  # 1. killed before the plan was named
+    (folder / "v3.mp4").unlink()
+    _video(folder / "v8.mp4", 18)
+    fs, root = storage.filesystem(str(output))
+    listed = listing_table(list_inputs(InputConfig(uri=str(folder))))
+    write_plan(fs, root, diff_plan(read_plan(fs, root), listed, 2, 1).plan, 2, plan_file(1))
+    assert subprocess.run(resume, cwd=REPO, env=env).returncode == 0
+    record = read_job(fs, root)
+    assert [(g["generation"], g.get("new"), g.get("changed"), g.get("deleted")) for g in record["generations"]] == [
+        (0, None, None, None), (1, 1, 1, 1)]  # fmt: skip
+    assert run_job(_config(folder, tmp_path / "fresh1", tiny_model_dir)).exit_code == 0
+    _assert_same_rows(_rows(output), _rows(tmp_path / "fresh1"))
+
+    for i in (0, 2, 4, 6):  # 2. killed mid-way: a change in every shard, and a new video
+        _video(folder / f"v{i}.mp4", 30 + i, mtime=1_900_000_000)
+    _video(folder / "v9.mp4", 18)
     cmd = [sys.executable, "-m", "videoindex.cli", "run", str(folder), str(output), "--update", "--model",
            str(tiny_model_dir), "--shard-size", "2", "--clip-stride", "2", "--batch-size", "4",
-           "--executor", "local", "--no-progress"]  # fmt: skip
-    driver = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    ledger = Ledger(*storage.filesystem(str(output)))
+           "--executor", "local", "--no-progress", "--config", str(tmp_path / "beat.yaml")]  # fmt: skip
+    (tmp_path / "beat.yaml").write_text("execution: {heartbeat_s: 0.5}\n")  # a dead driver shows in 1.5 s
+    driver = subprocess.Popen(cmd, cwd=REPO, env=env)
+    ledger = Ledger(fs, root)
 
-    def first_update_commit() -> bool:
-        return any((st.stats or {}).get("generation") == 1 for st in ledger.view().shards.values())
+    def update_commits() -> int:
+        return sum((st.stats or {}).get("generation") == 2 for st in ledger.view().shards.values())
 
-    _wait_for(first_update_commit)
+    _wait_for(lambda: update_commits() >= 1)
     driver.send_signal(signal.SIGKILL)
     driver.wait(30)
-    view = ledger.view()
-    assert 1 <= sum((st.stats or {}).get("generation") == 1 for st in view.shards.values()) < 5
-
-    resume = subprocess.run([sys.executable, "-m", "videoindex.cli", "resume", str(output), "--no-progress"],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
-    assert resume.returncode == 0
-    assert run_job(_config(folder, fresh, tiny_model_dir)).exit_code == 0
-    _assert_same_rows(_rows(output), _rows(fresh))
-    record = read_job(*storage.filesystem(str(output)))
-    assert [g["generation"] for g in record["generations"]] == [0, 1]
+    assert 1 <= update_commits() < 5
+    _wait_for(lambda: job_status(str(output))["job"]["state"] == "not running", timeout=30)
+    status = job_status(str(output))
+    assert (
+        status["shards"]["committed"] < status["shards"]["total"] and status["shards"]["pending_update"] >= 1
+    )
+    assert status["job"]["continue_with"] == f"videoindex resume {output}"
+    assert subprocess.run(resume, cwd=REPO, env=env).returncode == 0
+    assert run_job(_config(folder, tmp_path / "fresh2", tiny_model_dir)).exit_code == 0
+    _assert_same_rows(_rows(output), _rows(tmp_path / "fresh2"))
+    assert [g["generation"] for g in read_job(fs, root)["generations"]] == [0, 1, 2]
+    status = job_status(str(output))
+    assert (
+        status["shards"]["committed"] == status["shards"]["total"] and not status["shards"]["pending_update"]
+    )
 
 
 def test_diff_compares_size_mtime_etag_and_manifest_columns():
@@ -269,6 +298,9 @@ def test_diff_compares_size_mtime_etag_and_manifest_columns():
     assert live(diff.plan).num_rows == 6
     again = diff_plan(diff.plan, listed, 2, 2)
     assert again.empty and again.counts()["unchanged"] == 6
+    unrecorded = make_plan([{**row("a"), "etag": None}], 2)  # planned before ETags were recorded
+    upgraded = diff_plan(unrecorded, listing_table([row("a")]), 2, 1)
+    assert upgraded.empty and upgraded.plan["etag"].to_pylist() == ["e1"]
 
 
 def test_update_on_s3_compares_etags(s3, tiny_model_dir, tmp_path):

@@ -216,10 +216,11 @@ def _print_summary(summary: dict[str, Any], random_weights: bool) -> None:
             print(
                 f"  update            generation {summary['generation']}: {changes}, {update['unchanged']} unchanged"
             )
+        elif summary.get("shards_to_run"):
+            print(f"  update            nothing changed since generation {summary['generation']}; "
+                  f"finished {summary['shards_to_run']} shard(s) of earlier work")  # fmt: skip
         else:
-            print(
-                f"  update            nothing changed since generation {summary['generation']}: nothing written"
-            )
+            print(f"  update            nothing changed since generation {summary['generation']}: nothing written")  # fmt: skip
     for key in ("output", "videos", "videos_ok", "videos_error", "clips", "clips_per_s", "wall_s",
                 "shards_committed", "shards_failed"):  # fmt: skip
         print(f"  {key:<17} {summary.get(key)}")

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from videoindex import storage
-from videoindex.format.jobrecord import generation_fields, read_job
+from videoindex.format.jobrecord import generation_fields, generations, read_job
 from videoindex.format.ledger import STALLED_AFTER, Ledger, committed_totals
 
 DEFAULT_HEARTBEAT_S = 30.0
@@ -31,6 +31,18 @@ def _job_state(run: dict[str, Any] | None, now: float) -> dict[str, Any]:
     job = {"state": state, "run": run.get("run"), "started_at": run.get("started_at"),
            "finished_at": run.get("finished_at"), "last_heartbeat_s": round(age, 1), "heartbeat_s": interval}  # fmt: skip
     return job
+
+
+def _outdated(record: dict[str, Any], view: Any) -> set[int]:
+    """Shards an update touched after their commit (the job record lists each update's shards): their
+    rows are from before the update until a run re-indexes them."""
+    found: set[int] = set()
+    for entry in generations(record):
+        for shard in entry.get("shards") or ():
+            stats = view.state(int(shard)).stats or {}
+            if int(stats.get("generation", 0)) < int(entry["generation"]):
+                found.add(int(shard))
+    return found
 
 
 def job_status(
@@ -55,17 +67,22 @@ def job_status(
                         "pid": state.running.get("pid"), "started_at": state.running.get("started_at"),
                         "heartbeat_s_ago": round(age, 1), "stalled": age > STALLED_AFTER * interval})  # fmt: skip
     stalled = {r["shard"] for r in running if r["stalled"]}
+    outdated = _outdated(record, view)
     counts = {"committed": 0, "running": 0, "stalled": 0, "failed": 0}
     for shard in range(total):
         status = view.state(shard).status
         status = "stalled" if status == "running" and shard in stalled else status
-        if status in counts:
+        if status in counts and not (status == "committed" and shard in outdated):
             counts[status] += 1
     counts["pending"] = total - sum(counts.values())
+    counts["pending_update"] = sum(1 for s in outdated if view.state(s).status == "committed")
     stats = view.committed_stats()
-    totals, busy = committed_totals(stats)
-    rate = totals["clips"] / busy if busy > 0 else None
-    shard_rate = len(stats) / busy if busy > 0 else None
+    totals, _ = committed_totals(stats)
+    # Rates from this run's commits: an updated index's first commits are from an earlier run, maybe months ago.
+    since = float((run or {}).get("started_at") or 0)
+    _, busy = committed_totals(recent := [s for s in stats if float(s.get("started_at", 0)) >= since])
+    rate = sum(int(s.get("clips", 0)) for s in recent) / busy if busy > 0 else None
+    shard_rate = len(recent) / busy if busy > 0 else None
     remaining = total - counts["committed"]
     job = _job_state(run, now)
     if remaining and job["state"] != "running":
@@ -118,7 +135,13 @@ def render_status(report: dict[str, Any]) -> str:
             else ", never updated"
         ),
         f"shards   {shards['committed']}/{shards['total']} committed, {shards['running']} running, "
-        f"{shards['stalled']} stalled, {shards['failed']} failed, {shards['pending']} pending  "
+        f"{shards['stalled']} stalled, {shards['failed']} failed, {shards['pending']} pending"
+        + (
+            f" ({shards['pending_update']} of them waiting for the last update)"
+            if shards["pending_update"]
+            else ""
+        )
+        + "  "
         f"({report['attempts']} attempts)",
         f"videos   {report['videos']}/{report['videos_planned']} done: {report['videos_ok']} ok, {report['videos_error']} error",
         f"clips    {report['clips']}"

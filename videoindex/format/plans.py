@@ -71,9 +71,10 @@ def live(plan_rows: pa.Table) -> pa.Table:
     return plan_rows.filter(pc.invert(pc.fill_null(plan_rows["deleted"], False)))
 
 
-def shard_tasks(plan_rows: pa.Table) -> list[VideoTask]:
-    """The live videos among ``plan_rows`` as tasks."""
-    return [VideoTask(**row) for row in live(plan_rows).select(TASK_FIELDS).to_pylist()]
+def shard_tasks(plan_rows: pa.Table, *, only_live: bool = True) -> list[VideoTask]:
+    """The live videos among ``plan_rows`` as tasks (only_live=False: the caller knows none is deleted)."""
+    rows = live(plan_rows) if only_live else plan_rows
+    return [VideoTask(**row) for row in rows.select(TASK_FIELDS).to_pylist()]
 
 
 class ShardRows:

@@ -18,6 +18,7 @@ from collections import deque
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from videoindex.format.layout import shard_name
 from videoindex.format.ledger import Ledger, attempt_key
@@ -33,6 +34,7 @@ class ShardQueue:
     def __init__(self, ledger: Ledger, plan: pa.Table, max_attempts: int, *, run: int, generation: int = 0,
                  checkpoint_every: int = 1000) -> None:  # fmt: skip
         self.ledger, self.rows, self.max_attempts = ledger, ShardRows(plan), max_attempts
+        self.any_deleted = bool(plan.num_rows) and bool(pc.any(plan["deleted"]).as_py())
         self.run, self.generation, self.checkpoint_every = run, generation, checkpoint_every
         self.pending: deque[ShardWork] = deque()
         self.committed: dict[int, dict[str, Any]] = {}
@@ -43,7 +45,7 @@ class ShardQueue:
 
     def add(self, shard: int, attempt: int, video_ids: tuple[str, ...] | None = None, *, replaces: bool = False
             ) -> None:  # fmt: skip
-        videos = tuple(shard_tasks(self.rows(shard)))
+        videos = tuple(shard_tasks(self.rows(shard), only_live=self.any_deleted))
         work = ShardWork(shard, attempt, videos, video_ids, replaces=replaces, generation=self.generation)
         self.pending.append(work)
 

@@ -197,7 +197,8 @@ class ShardIndexer:
         videos = work.videos
         if work.video_ids is not None:  # ids of videos gone from the input are dropped, not indexed
             previous = read_shard_tables(self.fs, self.root, work.shard)
-            videos = tuple(v for v in videos if v.video_id in set(work.video_ids))
+            wanted = set(work.video_ids)
+            videos = tuple(v for v in videos if v.video_id in wanted)
         log.info("[shard %s] attempt %d: %d videos", shard_name(work.shard), work.attempt, len(videos))
         out = index_shard(
             videos, self.decode, self.classifier, batch_size=self.batch_size, counters=self.counters

@@ -32,7 +32,7 @@ from videoindex import storage
 from videoindex.config import JobConfig
 from videoindex.format.jobrecord import generations
 from videoindex.format.layout import JOB_FILE, plan_file
-from videoindex.format.plans import live, write_plan
+from videoindex.format.plans import live, read_plan, write_plan
 from videoindex.format.schemas import PLAN_SCHEMA
 from videoindex.stages import plan as planning
 
@@ -94,6 +94,9 @@ def diff_plan(plan: pa.Table, listed: pa.Table, shard_size: int, generation: int
     merged = rows.join(now, keys="uri", join_type="left outer").sort_by("_row")
     present = pc.fill_null(merged["_listed"], False)
     was_deleted = merged["deleted"]
+    # Plans written before ETags were recorded have none: the listed one is taken, not called a change.
+    merged = merged.set_column(merged.schema.get_field_index("etag"), "etag",
+                               pc.coalesce(merged["etag"], merged["_new_etag"]))  # fmt: skip
     differs = pc.not_equal(_version([merged[c] for c in VERSION_COLUMNS]),
                            _version([merged[f"_new_{c}"] for c in VERSION_COLUMNS]))  # fmt: skip
     changed = pc.and_(pc.and_(present, pc.invert(was_deleted)), differs)
@@ -143,23 +146,44 @@ def update_plan(config: JobConfig, fs: Any, root: str, plan: pa.Table, record: d
         log.info("update: nothing changed in %s since generation %d (%d videos); nothing written",
                  config.input.uri, generation - 1, videos)  # fmt: skip
         return plan, record, diff
-    file = plan_file(generation)
-    shards = int(pc.max(diff.plan["shard"]).as_py()) + 1
-    write_plan(fs, root, diff.plan, config.output.shard_size, file)  # not in force until _job.json names it
-    entry = {"generation": generation, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "videos": live(diff.plan).num_rows, **diff.counts()}  # fmt: skip
-    record = {
-        **record,
-        "plan": {
-            **record["plan"],
-            "videos": entry["videos"],
-            "shards": shards,
-            "file": file,
-            "generation": generation,
-        },  # fmt: skip
-        "generations": [*generations(record), entry],
-    }
-    storage.write_json(fs, storage.join(root, JOB_FILE), record)
+    write_plan(fs, root, diff.plan, config.output.shard_size, plan_file(generation))  # not yet in force
+    record = _name_plan(fs, root, record, diff)
     log.info("update to generation %d: %d new, %d changed, %d deleted, %d unchanged videos", generation,
              diff.new, diff.changed, diff.deleted, diff.unchanged)  # fmt: skip
     return diff.plan, record, diff
+
+
+def _name_plan(fs: Any, root: str, record: dict[str, Any], diff: PlanDiff) -> dict[str, Any]:
+    """Put a written plan in force: _job.json names it, with the generation's counts and touched shards."""
+    touched = diff.plan.filter(pc.equal(diff.plan["generation"], diff.generation))["shard"]
+    entry = {"generation": diff.generation, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "videos": live(diff.plan).num_rows, **diff.counts(),
+             "shards": sorted(int(s) for s in pc.unique(touched).to_pylist())}  # fmt: skip
+    shards = int(pc.max(diff.plan["shard"]).as_py()) + 1
+    plan = {**record["plan"], "videos": entry["videos"], "shards": shards, "file": plan_file(diff.generation),
+            "generation": diff.generation}  # fmt: skip
+    record = {**record, "plan": plan, "generations": [*generations(record), entry]}
+    storage.write_json(fs, storage.join(root, JOB_FILE), record)
+    return record
+
+
+def adopt_unnamed_plan(fs: Any, root: str, plan: pa.Table, record: dict[str, Any]
+                       ) -> tuple[pa.Table, dict[str, Any]] | None:  # fmt: skip
+    """An update killed after writing its plan, before _job.json named it (the plan file is whole: it is
+    written in one PUT or one rename): name it now, so that this run finishes the update. None if there
+    is no such plan."""
+    generation = int(record.get("plan", {}).get("generation", 0)) + 1
+    path = storage.join(root, plan_file(generation))
+    if not storage.exists(fs, path):
+        return None
+    log.warning("an update to generation %d was killed before it was recorded; finishing it", generation)
+    new = read_plan(fs, root, file=plan_file(generation))
+    touched = new.filter(pc.equal(new["generation"], generation))
+    was_live = pc.is_in(touched["uri"], value_set=live(plan)["uri"])
+    deleted = touched["deleted"]
+    count = lambda mask: int(pc.sum(mask).as_py() or 0)  # noqa: E731
+    changed = count(pc.and_(was_live, pc.invert(deleted)))
+    fresh = count(pc.and_(pc.invert(was_live), pc.invert(deleted)))
+    diff = PlanDiff(new, generation, new=fresh, changed=changed, deleted=count(deleted),
+                    unchanged=live(new).num_rows - fresh - changed)  # fmt: skip
+    return new, _name_plan(fs, root, record, diff)
