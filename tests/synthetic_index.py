@@ -185,8 +185,9 @@ def _plan_videos(videos: int, shards: int, error_videos: int, clips_per_video: i
 
 
 def _shard_tables(
-    vids: list[dict], cpv: int, names: dict[int, str], rng: np.random.Generator, embed_dim: int
-) -> dict[str, pa.Table]:
+    vids: list[dict], cpv: int, names: dict[int, str], rng: np.random.Generator, embed_dim: int,
+    recovered_every: int = 0,
+) -> dict[str, pa.Table]:  # fmt: skip
     ok = [v for v in vids if v["status"] == schemas.STATUS_OK]
     clip_cols, probs = _clip_rows(ok, cpv, names, rng, embed_dim)
     errors = [
@@ -201,7 +202,12 @@ def _shard_tables(
         }
         for v in vids
         if v["status"] != schemas.STATUS_OK
-    ]
+    ] + [
+        {"video_id": v["video_id"], "uri": v["uri"], "stage": "open", "decoder": "decord",
+         "error_type": "unsupported_codec", "error_message": f"decord cannot read {v['uri']}; PyAV did",
+         "fatal": False}
+        for v in ok if recovered_every and int(v["uri"][-11:-4]) % recovered_every == 0
+    ]  # fmt: skip
     return {
         "clips": pa.table(clip_cols, schema=schemas.clips_schema(len(names), embed_dim)),
         "videos": pa.Table.from_pylist(_video_rows(vids, cpv, probs, names), schema=schemas.VIDEOS_SCHEMA),
@@ -262,10 +268,12 @@ def write_synthetic_index(
     error_videos: int = 0,
     checkpoint: bool = True,
     counts_only: bool = False,
+    recovered_every: int = 0,
 ) -> dict[str, Any]:
     """Write an OUTPUT at `root` (a URI, or a path inside `fs`); returns counts and known ids.
 
-    Uncommitted shards get all their table files but no commit marker (a crash before commit).
+    Uncommitted shards get all their table files but no commit marker (a crash before commit). Every
+    ``recovered_every``-th ok video also gets a recovered (non-fatal) error row.
     """
     if fs is None:
         fs, root = storage.filesystem(root)
@@ -284,8 +292,9 @@ def write_synthetic_index(
     storage.write_json(fs, storage.join(root, "_job.json"), job)
     ledger = Ledger(fs, root)
     clips, duplicate, source = 0, [], None
+    by_shard = {s: list(group) for s, group in itertools.groupby(plan, key=lambda v: v["shard"])}
     for s in range(shards):  # one shard in memory at a time
-        tables = _shard_tables([v for v in plan if v["shard"] == s], clips_per_video, names, rng, embed_dim)
+        tables = _shard_tables(by_shard[s], clips_per_video, names, rng, embed_dim, recovered_every)
         if s == ok_shards[0]:
             source = _matrix(tables["clips"]["embedding"])[0]
             duplicate.append((tables["clips"]["video_id"][0].as_py(), 0))

@@ -365,15 +365,25 @@ def test_readers_load_no_decoder_no_torch_no_ray(built) -> None:
 def test_answers_from_shard_stats_equal_answers_from_the_tables(tmp_path: Path) -> None:
     """summary, labels and errors come from the ledger's shard stats; an index whose stats hold only counts
     (written by videoindex 0.1) is answered from the tables, with the same result."""
-    answers = []
+    from videoindex.report import _errors as report_error_sections
+
+    answers, report_errors = [], []
     for counts_only in (False, True):
         root = tmp_path / f"index-{counts_only}"
         write_synthetic_index(
-            str(root), **SMALL, uncommitted_shards=(2,), error_videos=6, counts_only=counts_only
+            str(root),
+            **SMALL,
+            uncommitted_shards=(2,),
+            error_videos=12,
+            counts_only=counts_only,
+            recovered_every=7,
         )
         with open_index(str(root)) as index:
             assert (index._summary_from_stats() is None) is counts_only
             answers.append([index.summary(), index.labels("clip", 5), index.labels("video"), index.errors()])
+            report_errors.append(report_error_sections(index))
+    assert report_errors[0] == report_errors[1]  # the report's error sections too
+    assert report_errors[0]["recovered"][0]["count"] > 0 and report_errors[0]["fatal"][0]["examples"]
     for from_stats, from_tables in zip(*answers, strict=True):
         assert from_stats.column_names == from_tables.column_names
         for name in from_stats.column_names:

@@ -163,7 +163,7 @@ class Index:
         """Any DuckDB SQL over the views clips, videos and errors."""
         return self._query(query)
 
-    def _shard_stats(self, key: str) -> list[dict[str, Any]] | None:
+    def shard_stats(self, key: str) -> list[dict[str, Any]] | None:
         """Every committed shard's stats, when all of them carry ``key`` (written by videoindex >= 0.2):
         answers from the ledger, without opening a table file. None: read the tables instead."""
         stats = self.ledger.committed_stats()
@@ -172,7 +172,7 @@ class Index:
         return stats
 
     def _summary_from_stats(self) -> dict[str, Any] | None:
-        stats = self._shard_stats("clip_labels")
+        stats = self.shard_stats("clip_labels")
         if stats is None:
             return None
         seen = {label for s in stats for label in s["clip_labels"]}
@@ -206,7 +206,7 @@ class Index:
         if level not in ("clip", "video"):
             raise QueryError(f"level must be 'clip' or 'video', not {level!r}")
         limit = _positive(top, "top") if top is not None else None
-        stats = self._shard_stats(f"{level}_labels")
+        stats = self.shard_stats(f"{level}_labels")
         if stats is not None and self.id2label:
             counts: dict[str, int] = {}
             for shard in stats:
@@ -325,7 +325,7 @@ class Index:
 
         ``retryable``: ``videoindex resume --retry-failed`` retries these by default (errors.py).
         """
-        stats = self._shard_stats("errors")
+        stats = self.shard_stats("errors")
         if stats is not None:
             found: dict[str, dict[str, Any]] = {}
             for shard in stats:

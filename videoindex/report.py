@@ -174,7 +174,11 @@ def _settings(config: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _errors(index: Index) -> dict[str, list[dict[str, Any]]]:
-    """Failed videos by type with up to three examples; recovered (non-fatal) errors by type."""
+    """Failed videos by type with up to three examples; recovered (non-fatal) errors by type. From the
+    shards' stats in the ledger when every committed shard has them (no table file opened)."""
+    stats = index.shard_stats("recovered")
+    if stats is not None:
+        return _errors_from_stats(stats)
     fatal = index.sql(
         "SELECT coalesce(error_type, 'unknown') AS error_type, count(*) AS count, "
         "list_slice(list({'uri': uri, 'message': error_message} ORDER BY uri), 1, 3) AS examples "
@@ -188,11 +192,35 @@ def _errors(index: Index) -> dict[str, list[dict[str, Any]]]:
     return {"fatal": fatal, "recovered": recovered}
 
 
+def _errors_from_stats(stats: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    fatal: dict[str, dict[str, Any]] = {}
+    recovered: dict[str, dict[str, Any]] = {}
+    for shard in stats:
+        for kind, entry in shard["errors"].items():
+            merged = fatal.setdefault(kind, {"error_type": kind, "count": 0, "examples": []})
+            merged["count"] += entry["count"]
+            pairs = zip(
+                entry["examples"], entry.get("messages") or [None] * len(entry["examples"]), strict=True
+            )
+            examples = merged["examples"] + [{"uri": u, "message": m} for u, m in pairs]
+            merged["examples"] = sorted(examples, key=lambda e: e["uri"])[:3]
+        for kind, entry in shard["recovered"].items():
+            merged = recovered.setdefault(kind, {"error_type": kind, "count": 0, "example": entry["example"],
+                                                 "message": entry["message"]})  # fmt: skip
+            merged["count"] += entry["count"]
+            if entry["example"] < merged["example"]:
+                merged["example"], merged["message"] = entry["example"], entry["message"]
+    order = lambda e: (-e["count"], e["error_type"])  # noqa: E731
+    return {"fatal": sorted(fatal.values(), key=order), "recovered": sorted(recovered.values(), key=order)}
+
+
 def _sample_videos(index: Index, n: int, seed: int) -> list[dict[str, Any]]:
     """`n` ok videos drawn with `seed` (deterministic for a given index), in uri order."""
+    if n <= 0:
+        return []
     columns = ["video_id", "uri", "shard", "num_clips", "duration_s", "label", "score", "width", "height"]
     ok = index.dataset("videos").to_table(columns=columns, filter=pc.field("status") == schemas.STATUS_OK)
-    if n <= 0 or ok.num_rows == 0:
+    if ok.num_rows == 0:
         return []
     ok = ok.sort_by("video_id")
     picked = np.random.default_rng(seed).choice(ok.num_rows, size=min(n, ok.num_rows), replace=False)

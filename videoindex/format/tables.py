@@ -113,15 +113,17 @@ def _counts(column: pa.ChunkedArray | pa.Array) -> dict[str, int]:
 
 def stats_from_tables(tables: dict[str, pa.Table]) -> dict[str, Any]:
     """What readers answer from the ledger without opening the shard's files: video and clip counts,
-    hours of video indexed, clip and video label histograms (by label id), errors by type with up to
-    three example URIs each."""
+    hours of video indexed, clip and video label histograms (by label id), failed videos by type with up
+    to three example URIs and their messages, and recovered (non-fatal) errors by type."""
     videos, clips = tables["videos"], tables["clips"]
     is_ok = pc.equal(videos["status"], STATUS_OK)
     ok = int(pc.sum(is_ok).as_py() or 0)
     ok_videos, failed = videos.filter(is_ok), videos.filter(pc.invert(is_ok))
     examples: dict[str, list[str]] = {}
-    for row in failed.select(["uri", "error_type"]).sort_by("uri").to_pylist():
+    messages: dict[str, list[str | None]] = {}
+    for row in failed.select(["uri", "error_type", "error_message"]).sort_by("uri").to_pylist():
         examples.setdefault(row["error_type"] or "unknown", []).append(row["uri"])
+        messages.setdefault(row["error_type"] or "unknown", []).append(_short(row["error_message"]))
     return {
         "videos": videos.num_rows,
         "videos_ok": ok,
@@ -131,6 +133,32 @@ def stats_from_tables(tables: dict[str, pa.Table]) -> dict[str, Any]:
         "clip_labels": _counts(clips["label_id"]),
         "video_labels": _counts(ok_videos["label_id"]),
         "errors": {
-            kind: {"count": len(uris), "examples": uris[:3]} for kind, uris in sorted(examples.items())
+            kind: {"count": len(uris), "examples": uris[:3], "messages": messages[kind][:3]}
+            for kind, uris in sorted(examples.items())
         },
+        "recovered": _recovered(tables["errors"]),
     }
+
+
+STATS_MESSAGE_CHARS = (
+    200  # messages in the ledger's stats (every reader loads them); the tables keep them whole
+)
+
+
+def _short(message: str | None) -> str | None:
+    return (
+        message
+        if message is None or len(message) <= STATS_MESSAGE_CHARS
+        else message[:STATS_MESSAGE_CHARS] + "..."
+    )
+
+
+def _recovered(errors: pa.Table) -> dict[str, dict[str, Any]]:
+    """Non-fatal errors (a fallback recovered) by type: count, and the first URI with its message."""
+    found: dict[str, dict[str, Any]] = {}
+    recovered = errors.filter(pc.invert(pc.fill_null(errors["fatal"], False)))
+    for row in recovered.select(["uri", "error_type", "error_message"]).sort_by("uri").to_pylist():
+        entry = found.setdefault(row["error_type"] or "unknown",
+                                 {"count": 0, "example": row["uri"], "message": _short(row["error_message"])})  # fmt: skip
+        entry["count"] += 1
+    return dict(sorted(found.items()))

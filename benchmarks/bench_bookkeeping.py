@@ -1,0 +1,145 @@
+"""Bookkeeping at scale: seconds (local disk) and requests (moto S3) of each reader against the shard count.
+
+    .venv/bin/python benchmarks/bench_bookkeeping.py [--shards 1000 10000 100000] [--moto-shards 1000 5000]
+                                                     [--heavy-up-to 10000]
+
+Builds synthetic indexes (tests/synthetic_index.py: real layout, schemas, ledger log and a final
+checkpoint, as a finished job leaves them; one video of two clips per shard, 2% failed videos) and times
+each operation once, in this process, on a freshly opened index: ``status``, ``query summary``,
+``labels``, ``errors``, ``search`` and ``similar`` (these two scan the clips table: run up to
+``--heavy-up-to`` shards), the report, and the bookkeeping of a resume with nothing to do (the ledger
+view, the plan and the queue: everything a real resume does before it would load the model). On moto
+every request is counted at a proxy in front of the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.s3server import FlakyProxy, moto_server, s3_options  # noqa: E402
+from tests.synthetic_index import write_synthetic_index  # noqa: E402
+from videoindex import storage  # noqa: E402
+from videoindex.format.ledger import Ledger  # noqa: E402
+from videoindex.format.plans import read_plan, write_plan  # noqa: E402
+from videoindex.job.run import outdated_videos  # noqa: E402
+from videoindex.query import open_index  # noqa: E402
+from videoindex.report import build_context  # noqa: E402
+from videoindex.stages.plan import make_plan  # noqa: E402
+from videoindex.status import job_status  # noqa: E402
+
+HEAVY = ("search", "similar")
+
+
+def _build(uri: str, shards: int, options: dict[str, Any] | None) -> dict[str, Any]:
+    fs, root = storage.filesystem(uri, options)
+    info = write_synthetic_index(root, fs=fs, videos=shards, clips_per_video=2, shards=shards,
+                                 error_videos=max(1, shards // 50))  # fmt: skip
+    rows = [{"uri": u, "size_bytes": None, "mtime": None, "extra": None} for u in sorted(info["uris"])]
+    write_plan(fs, root, make_plan(rows, 1), 1)
+    return info
+
+
+def _resume_bookkeeping(uri: str, options: dict[str, Any] | None) -> int:
+    fs, root = storage.filesystem(uri, options)
+    view = Ledger(fs, root).view()
+    plan = read_plan(fs, root)
+    outdated = outdated_videos(plan, view)
+    shards = int(storage.read_json(fs, storage.join(root, "_job.json"))["plan"]["shards"])
+    return sum(1 for s in range(shards) if s not in view.committed() or s in outdated)  # shards to run
+
+
+def operations(
+    uri: str, options: dict[str, Any] | None, info: dict[str, Any]
+) -> dict[str, Callable[[], Any]]:
+    vid = info["video_ids"][len(info["video_ids"]) // 2]
+    return {
+        "status": lambda: job_status(uri, options),
+        "query summary": lambda: open_index(uri, options).summary(),
+        "labels": lambda: open_index(uri, options).labels("clip", top=20),
+        "errors": lambda: open_index(uri, options).errors(),
+        "search": lambda: open_index(uri, options).search("pushing", limit=100),
+        "similar": lambda: open_index(uri, options).similar(vid, k=10, clip_index=0),
+        "report (no samples)": lambda: build_context(
+            open_index(uri, options), sample_videos=0, neighbours=0, seed=0
+        ),
+        "resume (no-op)": lambda: _resume_bookkeeping(uri, options),
+    }
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = fn()
+    return time.perf_counter() - started, result
+
+
+def local(shards: list[int], heavy_up_to: int) -> None:
+    names = list(operations("", None, {"video_ids": [""]}))
+    print("Local disk, seconds:\n")
+    print("| shards | build s | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for n in shards:
+        with tempfile.TemporaryDirectory() as tmp:
+            uri = str(Path(tmp) / "out")
+            built, info = _timed(lambda n=n, uri=uri: _build(uri, n, None))
+            cells = []
+            for name, fn in operations(uri, None, info).items():
+                if name in HEAVY and n > heavy_up_to:
+                    cells.append("not run")
+                    continue
+                seconds, result = _timed(fn)
+                if name == "resume (no-op)":
+                    assert result == 0, result
+                cells.append(f"{seconds:.2f}")
+            print(f"| {n:,} | {built:.0f} | " + " | ".join(cells) + " |", flush=True)
+
+
+def moto(shards: list[int], heavy_up_to: int) -> None:
+    names = list(operations("", None, {"video_ids": [""]}))
+    print("\nmoto S3 (local server), requests (seconds):\n")
+    print("| shards | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    with moto_server() as server:
+        admin = server.fs()
+        admin.mkdir("bench")
+        for n in shards:
+            uri = f"s3://bench/n{n}"
+            info = _build(uri, n, server.options())
+            cells = []
+            with FlakyProxy(server.url) as proxy:
+                options = s3_options(proxy.url)
+                for name, fn in operations(uri, options, info).items():
+                    if name in HEAVY and n > heavy_up_to:
+                        cells.append("not run")
+                        continue
+                    before = proxy.requests
+                    seconds, _ = _timed(fn)
+                    cells.append(f"{proxy.requests - before} ({seconds:.1f} s)")
+            print(f"| {n:,} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shards", type=int, nargs="*", default=[1000, 10000, 100000])
+    parser.add_argument("--moto-shards", type=int, nargs="*", default=[1000, 5000])
+    parser.add_argument("--heavy-up-to", type=int, default=10000)
+    args = parser.parse_args()
+    if args.shards:
+        local(args.shards, args.heavy_up_to)
+    if args.moto_shards:
+        moto(args.moto_shards, args.heavy_up_to)
+
+
+if __name__ == "__main__":
+    main()
