@@ -14,26 +14,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.common import timed_command  # noqa: E402
 
 
 def _run(folder: Path, output: Path, model: Path, executor: str) -> float:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "videoindex.cli", "run", str(folder), str(output), "--model", str(model),
            "--shard-size", "1", "--executor", executor, "--no-progress"]  # fmt: skip
-    started = time.perf_counter()
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return seconds
+    return timed_command(cmd, env)
 
 
 def _work_per_shard_ms(output: Path) -> float:

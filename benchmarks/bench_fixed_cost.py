@@ -19,23 +19,16 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import timed_command  # noqa: E402
+
 VIDEO = REPO / "videoindex" / "samples" / "carphone_pristine.mp4"
-
-
-def _timed(cmd: list[str], env: dict[str, str]) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return seconds
 
 
 def main() -> None:
@@ -59,12 +52,12 @@ def main() -> None:
     floor_cmd = [sys.executable, "-c", "import ray; ray.init(); ray.shutdown()"]
     times: dict[str, list[float]] = {"ray floor": [], "ray job": [], "local job": []}
     for n in range(args.repeat):
-        times["ray floor"].append(_timed(floor_cmd, env))
+        times["ray floor"].append(timed_command(floor_cmd, env))
         for executor in ("ray", "local"):
             out = work / f"out-{executor}-{n}"
             cmd = [sys.executable, "-m", "videoindex.cli", "run", str(work / "in"), str(out), *model,
                    "--executor", executor, "--max-clips-per-video", "1", "--no-progress"]  # fmt: skip
-            times[f"{executor} job"].append(_timed(cmd, env))
+            times[f"{executor} job"].append(timed_command(cmd, env))
     shutil.rmtree(work, ignore_errors=True)
     median = {k: statistics.median(v) for k, v in times.items()}
     print(

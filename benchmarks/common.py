@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -249,3 +250,13 @@ def timed(fn: Any, *, min_s: float, min_calls: int = 2) -> tuple[int, float, flo
         done += fn()
         calls += 1
     return done, time.perf_counter() - started, cpu_seconds() - cpu
+
+
+def timed_command(cmd: list[str], env: dict[str, str]) -> float:
+    """Wall seconds of a command run from the repository root, as a user pays them; exits on failure."""
+    started = time.perf_counter()
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return seconds
