@@ -56,7 +56,8 @@ def _resume_bookkeeping(uri: str, options: dict[str, Any] | None) -> int:
     plan = read_plan(fs, root)
     outdated = outdated_videos(plan, view)
     shards = int(storage.read_json(fs, storage.join(root, "_job.json"))["plan"]["shards"])
-    return sum(1 for s in range(shards) if s not in view.committed() or s in outdated)  # shards to run
+    committed = view.committed()
+    return sum(1 for s in range(shards) if s not in committed or s in outdated)  # shards to run
 
 
 def operations(
