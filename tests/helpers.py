@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +46,14 @@ def videos_by_name(output: Path) -> dict[str, dict[str, Any]]:
     by_name = {Path(row["uri"]).name: row for row in rows}
     assert len(by_name) == len(rows), f"duplicate videos rows: {sorted(Path(r['uri']).name for r in rows)}"
     return by_name
+
+
+def wait_for(condition, *, timeout: float = 120.0, every: float = 0.2):
+    """Poll ``condition()`` until it returns something truthy; that value, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met in {timeout:g} s")

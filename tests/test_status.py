@@ -8,26 +8,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.conftest import REPO, SAMPLES
-from tests.helpers import table_hashes
+from tests.helpers import table_hashes, wait_for
 from videoindex.cli import main
 from videoindex.status import job_status
 
 HEARTBEAT_S = 0.5
-
-
-def _wait_for(condition, *, timeout: float = 120.0, every: float = 0.2):
-    """Poll ``condition()`` until it returns something truthy; that value, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met in {timeout:g} s")
 
 
 def _status(output: Path) -> dict:
@@ -57,7 +45,7 @@ def test_status_of_a_running_job_then_of_its_dead_driver_then_resumed(tiny_model
     driver = subprocess.Popen([sys.executable, "-m", "videoindex.cli", *argv], env=env, cwd=REPO,
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        live = _wait_for(
+        live = wait_for(
             lambda: (s := _status(output)) and s["shards"]["committed"] >= 1 and s["running"] and s
         )
     finally:
@@ -74,7 +62,7 @@ def test_status_of_a_running_job_then_of_its_dead_driver_then_resumed(tiny_model
     def dead_and_stalled(s: dict) -> bool:
         return s["job"]["state"] == "not running" and s["shards"]["running"] == 0
 
-    dead = _wait_for(lambda: (s := _status(output)) and dead_and_stalled(s) and s, timeout=30)
+    dead = wait_for(lambda: (s := _status(output)) and dead_and_stalled(s) and s, timeout=30)
     assert dead["job"]["continue_with"] == f"videoindex resume {output}"
     assert dead["shards"]["committed"] < 4
     stalled = [r for r in dead["running"] if r["stalled"]]

@@ -8,14 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from tests.helpers import small_job_config
+from tests.helpers import small_job_config, wait_for
 from tests.videogen import write_index_video
 from videoindex import storage
 from videoindex.cli import main
@@ -200,15 +199,6 @@ def test_update_guard_rails_write_nothing(tiny_model_dir, tmp_path):
     assert [Path(r["uri"]).name for r in _rows(output)["videos"]] == ["c.mp4"]
 
 
-def _wait_for(condition, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"condition not met in {timeout:g} s")
-
-
 def test_update_killed_at_either_point_is_finished_by_resume(tiny_model_dir, tmp_path):
     """An update killed after writing its plan but before _job.json named it, then one killed (SIGKILL) once
     its first shard is committed: `status` says the job must be resumed, `resume` finishes each update, and
@@ -253,11 +243,11 @@ def test_update_killed_at_either_point_is_finished_by_resume(tiny_model_dir, tmp
     def update_commits() -> int:
         return sum((st.stats or {}).get("generation") == 2 for st in ledger.view().shards.values())
 
-    _wait_for(lambda: update_commits() >= 1)
+    wait_for(lambda: update_commits() >= 1)
     driver.send_signal(signal.SIGKILL)
     driver.wait(30)
     assert 1 <= update_commits() < 5
-    _wait_for(lambda: job_status(str(output))["job"]["state"] == "not running", timeout=30)
+    wait_for(lambda: job_status(str(output))["job"]["state"] == "not running", timeout=30)
     status = job_status(str(output))
     assert (
         status["shards"]["committed"] < status["shards"]["total"] and status["shards"]["pending_update"] >= 1
@@ -294,7 +284,7 @@ def test_diff_compares_size_mtime_etag_and_manifest_columns():
         ("a", 0, 0, False), ("b", 0, 1, False), ("c", 1, 1, True), ("d", 1, 0, False), ("e", 2, 1, False),
         ("y", 3, 1, False), ("z", 3, 1, False)]  # fmt: skip
     assert rows[1]["etag"] == "e2" and rows[4]["extra"] == '{"camera": "rear"}' and rows[5]["etag"] == "e1"
-    assert [t.uri[7:] for t in shard_tasks(ShardRows(diff.plan)(1))] == ["d"]
+    assert [t.uri[7:] for t in shard_tasks(ShardRows(live(diff.plan))(1))] == ["d"]
     assert live(diff.plan).num_rows == 6
     again = diff_plan(diff.plan, listed, 2, 2)
     assert again.empty and again.counts()["unchanged"] == 6

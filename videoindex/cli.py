@@ -211,7 +211,9 @@ def _print_summary(summary: dict[str, Any], random_weights: bool) -> None:
     print("videoindex: done")
     update = summary.get("update")
     if update is not None:
-        changes = f"{update['new']} new, {update['changed']} changed, {update['deleted']} deleted"
+        from videoindex.format.jobrecord import describe_changes
+
+        changes = describe_changes(update)
         if update["new"] or update["changed"] or update["deleted"]:
             print(
                 f"  update            generation {summary['generation']}: {changes}, {update['unchanged']} unchanged"

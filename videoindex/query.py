@@ -327,18 +327,12 @@ class Index:
         """
         stats = self.shard_stats("errors")
         if stats is not None:
-            found: dict[str, dict[str, Any]] = {}
-            for shard in stats:
-                for kind, entry in shard["errors"].items():
-                    merged = found.setdefault(kind, {"count": 0, "examples": []})
-                    merged["count"] += entry["count"]
-                    merged["examples"] = sorted(merged["examples"] + entry["examples"])[:3]
-            rows = sorted(found.items(), key=lambda item: (-item[1]["count"], item[0]))
+            rows = failed_by_type(stats)
             return pa.table({
-                "error_type": pa.array([k for k, _ in rows], pa.string()),
-                "count": pa.array([e["count"] for _, e in rows], pa.int64()),
-                "retryable": pa.array([k in RETRYABLE_ERROR_TYPES for k, _ in rows], pa.bool_()),
-                "example_uris": pa.array([e["examples"] for _, e in rows], pa.list_(pa.string())),
+                "error_type": pa.array([e["error_type"] for e in rows], pa.string()),
+                "count": pa.array([e["count"] for e in rows], pa.int64()),
+                "retryable": pa.array([e["error_type"] in RETRYABLE_ERROR_TYPES for e in rows], pa.bool_()),
+                "example_uris": pa.array([[x["uri"] for x in e["examples"]] for e in rows], pa.list_(pa.string())),
             })  # fmt: skip
         retryable = ", ".join(f"'{t}'" for t in RETRYABLE_ERROR_TYPES)
         return self._query(
@@ -347,6 +341,21 @@ class Index:
             "list_slice(list(uri ORDER BY uri), 1, 3) AS example_uris FROM videos "
             "WHERE status = 'error' GROUP BY 1 ORDER BY count DESC, error_type"
         )
+
+
+def failed_by_type(stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Failed videos by error type over committed shards' stats, most frequent first: the count and the
+    three first examples by URI, each with its message where the stats hold one (as the tables' SQL orders
+    them)."""
+    found: dict[str, dict[str, Any]] = {}
+    for shard in stats:
+        for kind, entry in shard["errors"].items():
+            merged = found.setdefault(kind, {"error_type": kind, "count": 0, "examples": []})
+            merged["count"] += entry["count"]
+            messages = entry.get("messages") or [None] * len(entry["examples"])
+            examples = [{"uri": u, "message": m} for u, m in zip(entry["examples"], messages, strict=True)]
+            merged["examples"] = sorted(merged["examples"] + examples, key=lambda e: e["uri"])[:3]
+    return sorted(found.values(), key=lambda e: (-e["count"], e["error_type"]))
 
 
 def _positive(value: int | None, name: str) -> int:

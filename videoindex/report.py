@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from videoindex.config import SECRET_KEY_PARTS, ConfigError, parse_storage_options
 from videoindex.format import schemas
 from videoindex.format.thumbnails import thumbnail_jpeg
-from videoindex.query import Index, QueryError, _matrix, _one_line, open_index
+from videoindex.query import Index, QueryError, _matrix, _one_line, failed_by_type, open_index
 
 log = logging.getLogger(__name__)
 
@@ -193,17 +193,8 @@ def _errors(index: Index) -> dict[str, list[dict[str, Any]]]:
 
 
 def _errors_from_stats(stats: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    fatal: dict[str, dict[str, Any]] = {}
     recovered: dict[str, dict[str, Any]] = {}
     for shard in stats:
-        for kind, entry in shard["errors"].items():
-            merged = fatal.setdefault(kind, {"error_type": kind, "count": 0, "examples": []})
-            merged["count"] += entry["count"]
-            pairs = zip(
-                entry["examples"], entry.get("messages") or [None] * len(entry["examples"]), strict=True
-            )
-            examples = merged["examples"] + [{"uri": u, "message": m} for u, m in pairs]
-            merged["examples"] = sorted(examples, key=lambda e: e["uri"])[:3]
         for kind, entry in shard["recovered"].items():
             merged = recovered.setdefault(kind, {"error_type": kind, "count": 0, "example": entry["example"],
                                                  "message": entry["message"]})  # fmt: skip
@@ -211,7 +202,7 @@ def _errors_from_stats(stats: list[dict[str, Any]]) -> dict[str, list[dict[str, 
             if entry["example"] < merged["example"]:
                 merged["example"], merged["message"] = entry["example"], entry["message"]
     order = lambda e: (-e["count"], e["error_type"])  # noqa: E731
-    return {"fatal": sorted(fatal.values(), key=order), "recovered": sorted(recovered.values(), key=order)}
+    return {"fatal": failed_by_type(stats), "recovered": sorted(recovered.values(), key=order)}
 
 
 def _sample_videos(index: Index, n: int, seed: int) -> list[dict[str, Any]]:

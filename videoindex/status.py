@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from videoindex import storage
-from videoindex.format.jobrecord import generation_fields, generations, read_job
+from videoindex.format.jobrecord import describe_changes, generation_fields, generations, read_job
 from videoindex.format.ledger import STALLED_AFTER, Ledger, committed_totals
 
 DEFAULT_HEARTBEAT_S = 30.0
@@ -115,10 +115,6 @@ def job_status(
     }
 
 
-def _changes(counts: dict[str, Any]) -> str:
-    return f"{counts['new']} new, {counts['changed']} changed, {counts['deleted']} deleted"
-
-
 def render_status(report: dict[str, Any]) -> str:
     shards, job = report["shards"], report["job"]
     state = job["state"]
@@ -130,7 +126,7 @@ def render_status(report: dict[str, Any]) -> str:
         f"job      {state}",
         f"index    generation {report['generation']}"
         + (
-            f", last update {report['last_update']} ({_changes(report['last_update_counts'])})"
+            f", last update {report['last_update']} ({describe_changes(report['last_update_counts'])})"
             if report["last_update"]
             else ", never updated"
         ),

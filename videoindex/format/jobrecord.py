@@ -78,6 +78,11 @@ def generation_fields(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def describe_changes(counts: dict[str, Any]) -> str:
+    """An update's counts as status and the CLI print them."""
+    return f"{counts['new']} new, {counts['changed']} changed, {counts['deleted']} deleted"
+
+
 def read_job(fs: Any, root: str) -> dict[str, Any] | None:
     path = storage.join(root, JOB_FILE)
     return storage.read_json(fs, path) if storage.exists(fs, path) else None

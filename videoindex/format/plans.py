@@ -71,10 +71,9 @@ def live(plan_rows: pa.Table) -> pa.Table:
     return plan_rows.filter(pc.invert(pc.fill_null(plan_rows["deleted"], False)))
 
 
-def shard_tasks(plan_rows: pa.Table, *, only_live: bool = True) -> list[VideoTask]:
-    """The live videos among ``plan_rows`` as tasks (only_live=False: the caller knows none is deleted)."""
-    rows = live(plan_rows) if only_live else plan_rows
-    return [VideoTask(**row) for row in rows.select(TASK_FIELDS).to_pylist()]
+def shard_tasks(plan_rows: pa.Table) -> list[VideoTask]:
+    """``plan_rows`` as tasks (rows of ``live`` inputs: a deleted one has nothing to index)."""
+    return [VideoTask(**row) for row in plan_rows.select(TASK_FIELDS).to_pylist()]
 
 
 class ShardRows:
@@ -89,14 +88,6 @@ class ShardRows:
     def __call__(self, shard: int) -> pa.Table:
         start, stop = np.searchsorted(self.shards, [shard, shard + 1])
         return self.plan.slice(int(start), int(stop - start))
-
-
-def tasks_by_shard(plan: pa.Table) -> dict[int, tuple[VideoTask, ...]]:
-    """Every shard's videos from one read of the whole plan (the driver hands them out with the shard)."""
-    found: dict[int, list[VideoTask]] = {}
-    for task in shard_tasks(plan):
-        found.setdefault(task.shard, []).append(task)
-    return {shard: tuple(tasks) for shard, tasks in found.items()}
 
 
 def shard_count(plan: pa.Table) -> int:

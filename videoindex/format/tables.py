@@ -140,17 +140,14 @@ def stats_from_tables(tables: dict[str, pa.Table]) -> dict[str, Any]:
     }
 
 
-STATS_MESSAGE_CHARS = (
-    200  # messages in the ledger's stats (every reader loads them); the tables keep them whole
-)
+# Messages kept in the ledger's stats (every reader loads them) are cut here; the tables keep them whole.
+STATS_MESSAGE_CHARS = 200
 
 
 def _short(message: str | None) -> str | None:
-    return (
-        message
-        if message is None or len(message) <= STATS_MESSAGE_CHARS
-        else message[:STATS_MESSAGE_CHARS] + "..."
-    )
+    if message is None or len(message) <= STATS_MESSAGE_CHARS:
+        return message
+    return message[:STATS_MESSAGE_CHARS] + "..."
 
 
 def _recovered(errors: pa.Table) -> dict[str, dict[str, Any]]:

@@ -18,11 +18,10 @@ from collections import deque
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from videoindex.format.layout import shard_name
 from videoindex.format.ledger import Ledger, attempt_key
-from videoindex.format.plans import ShardRows, shard_tasks
+from videoindex.format.plans import ShardRows, live, shard_tasks
 from videoindex.job.shard import ShardWork
 
 log = logging.getLogger(__name__)
@@ -33,8 +32,8 @@ class ShardQueue:
 
     def __init__(self, ledger: Ledger, plan: pa.Table, max_attempts: int, *, run: int, generation: int = 0,
                  checkpoint_every: int = 1000) -> None:  # fmt: skip
-        self.ledger, self.rows, self.max_attempts = ledger, ShardRows(plan), max_attempts
-        self.any_deleted = bool(plan.num_rows) and bool(pc.any(plan["deleted"]).as_py())
+        # Deleted inputs are left out once, here: a shard whose videos were all deleted has none to index.
+        self.ledger, self.rows, self.max_attempts = ledger, ShardRows(live(plan)), max_attempts
         self.run, self.generation, self.checkpoint_every = run, generation, checkpoint_every
         self.pending: deque[ShardWork] = deque()
         self.committed: dict[int, dict[str, Any]] = {}
@@ -45,7 +44,7 @@ class ShardQueue:
 
     def add(self, shard: int, attempt: int, video_ids: tuple[str, ...] | None = None, *, replaces: bool = False
             ) -> None:  # fmt: skip
-        videos = tuple(shard_tasks(self.rows(shard), only_live=self.any_deleted))
+        videos = tuple(shard_tasks(self.rows(shard)))
         work = ShardWork(shard, attempt, videos, video_ids, replaces=replaces, generation=self.generation)
         self.pending.append(work)
 
