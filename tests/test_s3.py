@@ -32,6 +32,7 @@ from videoindex.status import job_status
 s3_server, s3 = s3server.s3_server, s3server.s3  # the moto fixtures
 
 IN, OUT = "videos-in", "index-out"
+S3FS_TRIES_PER_READ = 100  # GETs s3fs 2026.9 sends for one failing ranged read (5 x 5 tries, 4 connects each)
 TEST_CREDS = (TEST_KEY, TEST_SECRET)
 ALLOW_ALL = [{"Effect": "Allow", "Action": "*", "Resource": "*"}]
 READ_INPUT = [
@@ -390,7 +391,8 @@ def test_bookkeeping_requests_do_not_grow_with_the_shards(s3, tiny_model_dir, tm
 def test_a_storage_failure_mid_video_is_a_retryable_storage_error(s3, tiny_model_dir, tmp_path):
     """The object store stops serving a video after its first 8 MiB block (connections reset): the video
     fails as `storage` (retryable, with the URI), the job goes on, and `resume --retry-failed` indexes it
-    once the store serves it again."""
+    once the store serves it again. The failed block is fetched through one round of s3fs's retries, not
+    again for every read the demuxer makes after the error."""
     video = _noisy_video(tmp_path / "long.mp4", frames=400, size=(320, 240))
     fine = _noisy_video(tmp_path / "fine.mp4", frames=20, size=(64, 48))
     s3.fs().mkdir(IN)
@@ -398,9 +400,13 @@ def test_a_storage_failure_mid_video_is_a_retryable_storage_error(s3, tiny_model
     s3.fs().put_file(str(fine), f"{IN}/flaky/fine.mp4")
     s3.fs().mkdir(OUT)
 
+    refused = []
+
     def second_block(method: str, path: str, headers: dict) -> bool:
         start = headers.get("Range", headers.get("range", "bytes=0-")).removeprefix("bytes=").split("-")[0]
-        return method == "GET" and path.split("?")[0].endswith("long.mp4") and int(start or 0) >= 2**23
+        refuse = method == "GET" and path.split("?")[0].endswith("long.mp4") and int(start or 0) >= 2**23
+        refused.extend([path] if refuse else [])
+        return refuse
 
     with FlakyProxy(s3.url) as proxy:
         proxy.mode = "reset"
@@ -413,6 +419,7 @@ def test_a_storage_failure_mid_video_is_a_retryable_storage_error(s3, tiny_model
         assert videos["fine.mp4"]["status"] == "ok"
         assert videos["long.mp4"]["error_type"] == "storage", videos["long.mp4"]["error_message"]
         assert f"s3://{IN}/flaky/long.mp4" in videos["long.mp4"]["error_message"]
+        assert len(refused) <= S3FS_TRIES_PER_READ  # 400 when every read after the error fetched it again
         proxy.fail_when = None  # the store is back
         assert run_job(config, resume=True, retry_failed=True).exit_code == 0
     videos = {row["uri"].rsplit("/", 1)[1]: row for row in _videos(s3.fs(), f"{OUT}/flaky")}

@@ -24,7 +24,9 @@ REMOTE_BLOCK_SIZE = 8 * 2**20  # bytes per GET from object stores
 
 
 class PinningBlockCache(BlockCache):
-    """fsspec's LRU BlockCache that also keeps every block fetched while ``pinning`` is on."""
+    """fsspec's LRU BlockCache that also keeps every block fetched while ``pinning`` is on, and fails
+    fast once a fetch has failed: s3fs already retried it (5 x 5 tries, ~25 s), and a demuxer that
+    reads again after an error would pay that again for every read of the same video."""
 
     name = "videoindex-pinning"
 
@@ -32,11 +34,18 @@ class PinningBlockCache(BlockCache):
         super().__init__(blocksize, fetcher, size, maxblocks)
         self.pinned: dict[int, bytes] = {}
         self.pinning = False
+        self.failure: Exception | None = None
 
     def _fetch_block(self, block_number: int) -> bytes:
         if block_number in self.pinned:
             return self.pinned[block_number]
-        data = super()._fetch_block(block_number)
+        if self.failure is not None:
+            raise self.failure
+        try:
+            data = super()._fetch_block(block_number)
+        except Exception as exc:
+            self.failure = exc
+            raise
         if self.pinning:
             self.pinned[block_number] = data
         return data
