@@ -33,9 +33,14 @@ def small_job_config(
 
 
 def table_hashes(output: Path) -> dict[str, str]:
-    """sha256 of every Parquet file of the clips, videos and errors tables, by relative path."""
-    files = sorted(p for t in ("clips", "videos", "errors") for p in (output / t).rglob("*.parquet"))
-    return {str(p.relative_to(output)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    """sha256 of each shard's Parquet file of the clips, videos and errors tables, by table and shard (a
+    rewrite names its files by version); a second file in a shard's folder fails the test."""
+    found: dict[str, str] = {}
+    for path in sorted(p for t in ("clips", "videos", "errors") for p in (output / t).rglob("*.parquet")):
+        key = str(path.parent.relative_to(output))
+        assert key not in found, f"two files in {key}: files left behind by a rewrite"
+        found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
 
 
 def videos_by_name(output: Path) -> dict[str, dict[str, Any]]:

@@ -216,8 +216,8 @@ def test_tables_match_plain_transformers_path(sample_videos, tmp_path):
 
 def test_failing_shard_gets_max_attempts_in_every_run(tiny_model_dir, sample_videos, tmp_path):
     """A crash between writing the plan and _job.json leaves a lone _plan/: a new run takes the output.
-    A shard that keeps failing gets execution.max_attempts tries per run (its old commit withdrawn: readers
-    never see a half-rewritten shard), then commits once repaired."""
+    A rewrite of a committed shard that keeps failing gets execution.max_attempts tries per run while the
+    old commit stays in force (its files untouched: readers keep the old rows), then commits once repaired."""
     from videoindex import storage
     from videoindex.format.ledger import Ledger
 
@@ -229,16 +229,20 @@ def test_failing_shard_gets_max_attempts_in_every_run(tiny_model_dir, sample_vid
     clean = table_hashes(output)
     ledger = Ledger(*storage.filesystem(str(output)))
     partition = output / "clips" / "shard=00000"
-    shutil.rmtree(partition)
-    partition.write_text("")  # a file where the shard's folder goes: its files can no longer be written
+    blocked = [partition / f"part-00000-v{attempt:04d}.parquet" for attempt in range(2, 6)]
+    for path in blocked:
+        path.mkdir()  # a folder where each attempt's new file goes: it can no longer be written
     for run in (1, 2):
         result = run_job(config, rerun=True)
         assert result.exit_code == 2 and 0 in result.summary["failed_shards"]
         state = ledger.view().state(0)
-        assert (state.status, state.failed_attempts) == ("failed", 2 * run)  # two tries per run, not one
+        assert (state.status, state.version, state.failed_attempts) == ("committed", 0, 2 * run)  # two tries
         assert "shard=00000" in state.last_failure
-    partition.unlink()
-    assert run_job(config, resume=True).exit_code == 0
+    for path in blocked:
+        path.rmdir()
+    assert table_hashes(output) == clean  # the committed files, untouched
+    assert run_job(config, rerun=True).exit_code == 0
+    assert ledger.view().state(0).version == 6
     assert table_hashes(output) == clean
     assert not list(output.rglob(".*.tmp-*"))
 

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from videoindex.format.jobrecord import JobMismatchError, read_job
 from videoindex.format.ledger import Ledger
 from videoindex.job.run import run_job
 from videoindex.job.update import UpdateError
+from videoindex.query import open_index
 from videoindex.stages.plan import PlanError
 from videoindex.status import job_status
 
@@ -261,6 +263,57 @@ def test_update_killed_at_either_point_is_finished_by_resume(tiny_model_dir, tmp
     assert (
         status["shards"]["committed"] == status["shards"]["total"] and not status["shards"]["pending_update"]
     )
+
+
+# Per video: its videos row and its clip rows, in one query (one reading of the ledger).
+VIDEO_AND_CLIPS = ("SELECT v.uri, any_value(v.frames) AS frames, any_value(v.num_clips) AS num_clips, "
+                   "count(DISTINCT v.shard) AS video_rows_shards, count(c.clip_index) AS clip_rows, "
+                   "count(DISTINCT c.clip_index) AS distinct_clips "
+                   "FROM videos v LEFT JOIN clips c USING (video_id) GROUP BY v.uri, v.video_id ORDER BY v.uri")  # fmt: skip
+
+
+def test_readers_during_an_update_see_each_shard_before_or_after_it(tiny_model_dir, tmp_path):
+    """An update writes each rewritten shard's files as a new version beside the committed ones and
+    commits it: readers querying all through it get every video's clip rows from the same version as its
+    videos row (every video changes its length, so old clips with a new videos row would show), each video
+    once; a reader opened before the update answers after it from the new files, though the ones it had
+    planned to read are gone; and no superseded file is left."""
+    from tests.helpers import table_hashes
+
+    folder, output = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for i in range(6):
+        _video(folder / f"v{i}.mp4", 20 + 2 * i, mtime=1_700_000_000)
+    assert run_job(_config(folder, output, tiny_model_dir)).exit_code == 0
+    before = open_index(str(output)).sql(VIDEO_AND_CLIPS).to_pylist()
+    early = open_index(str(output))
+    for i in range(6):
+        _video(folder / f"v{i}.mp4", 30 + 2 * i, mtime=1_800_000_000)
+
+    answers, stop = [], threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            with open_index(str(output)) as index:
+                answers.append(index.sql(VIDEO_AND_CLIPS).to_pylist())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        assert run_job(_config(folder, output, tiny_model_dir, **{"input.update": True})).exit_code == 0
+    finally:
+        stop.set()
+        reader.join()
+    after = early.sql(VIDEO_AND_CLIPS).to_pylist()
+    assert [r["frames"] for r in before] == [20, 22, 24, 26, 28, 30]
+    assert [r["frames"] for r in after] == [30, 32, 34, 36, 38, 40]
+    assert len(answers) >= 3
+    for rows in answers + [before, after]:
+        assert len(rows) == 6 and all(r["video_rows_shards"] == 1 for r in rows)
+        for row in rows:
+            assert row["clip_rows"] == row["distinct_clips"] == row["num_clips"] > 0, row
+            assert row in before or row in after, row
+    assert len(table_hashes(output)) == 3 * 3  # one file per table and shard: superseded versions deleted
 
 
 def test_diff_compares_size_mtime_etag_and_manifest_columns():

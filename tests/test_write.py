@@ -33,7 +33,8 @@ def test_interrupted_write_leaves_only_a_hidden_temp_file(tmp_path: Path, monkey
     def killed(*args, **kwargs):
         raise PermissionError("process killed before the rename")
 
-    monkeypatch.setattr(fs, "mv", killed)
+    monkeypatch.setattr(storage.os, "replace", killed)
+    monkeypatch.setattr(storage.os, "remove", killed)  # a killed process cleans nothing up
     with pytest.raises(PermissionError):
         storage.write_bytes(fs, storage.join(root, "videos/shard=00001/part-00001.parquet"), b"PAR1 half")
     leftovers = [p.name for p in (tmp_path / "videos").rglob("*") if p.is_file()]
@@ -43,9 +44,10 @@ def test_interrupted_write_leaves_only_a_hidden_temp_file(tmp_path: Path, monkey
 
 
 def test_a_withdrawn_commit_stays_withdrawn_until_a_later_attempt_commits(tmp_path: Path) -> None:
-    """A rewrite killed between its `uncommitted` event and its commit leaves half-rewritten files: the shard
-    is not committed, also while the next attempt (which writes no withdrawal of its own) runs or after it
-    failed, until an attempt commits; the same when read through a checkpoint."""
+    """(Outputs of versions that rewrote files in place.) A rewrite killed between its `uncommitted` event
+    and its commit leaves half-rewritten files: the shard is not committed, also while the next attempt
+    (which writes no withdrawal of its own) runs or after it failed, until an attempt commits; the same
+    when read through a checkpoint."""
     from videoindex import storage
     from videoindex.format.ledger import Ledger, attempt_key
 

@@ -2,8 +2,8 @@
 
 Requires ``OUTPUT/_job.json`` (model, label map) and the ledger; produces pyarrow Tables. Only committed
 shards are visible: file paths are built from the commit markers (one listing of ``_ledger/``) and
-``layout.table_file``, never from listing the table directories, so a half-written or withdrawn shard
-is never read. Works on local paths and any fsspec URI (s3://, gs://...) with ``storage_options``;
+``layout.table_file`` with the version each commit names, never from listing the table directories, so
+a half-written shard or a rewrite not yet committed is never read. Works on local paths and any fsspec URI (s3://, gs://...) with ``storage_options``;
 DuckDB scans the pyarrow datasets lazily (projection and filter pushdown), so no DuckDB httpfs is needed.
 
     idx = videoindex.open("s3://bucket/index", {"anon": False})
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import difflib
+import functools
 import io
 import json
 import logging
@@ -53,6 +54,38 @@ class QueryError(ValueError):
 
 class NotAnIndexError(QueryError):
     """OUTPUT has no _job.json: not a videoindex output, or the job never started."""
+
+
+class FilesRewritten(QueryError):
+    """A committed file vanished while it was read: a rewrite of its shard committed a newer version."""
+
+
+def _vanished(exc: BaseException) -> bool:
+    if isinstance(exc, FileNotFoundError | FilesRewritten):
+        return True
+    text = str(exc)
+    return isinstance(exc, duckdb.Error) and any(
+        s in text for s in ("No such file", "FileNotFoundError", "NoSuchKey")
+    )
+
+
+def read_again_if_rewritten(method: Any) -> Any:
+    """Readers open the file versions the commits they read name; a rewrite that commits meanwhile deletes
+    the versions it replaced. Then read the ledger again and answer from the new commits (once)."""
+
+    @functools.wraps(method)
+    def reread(self: Index, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            if not _vanished(exc):
+                raise
+            log.info("a shard was rewritten while %s read it (%s); reading the ledger again", self.uri,
+                     _one_line(exc)[:200])  # fmt: skip
+            self.refresh()
+            return method(self, *args, **kwargs)
+
+    return reread
 
 
 def _one_line(exc: BaseException) -> str:
@@ -93,12 +126,19 @@ class Index:
         self.fs, self.root, self.uri, self.job = fs, root, uri, job
         self.model: dict[str, Any] = job.get("model", {})
         self.id2label = {int(k): v for k, v in self.model.get("id2label", {}).items()}
-        self.ledger = Ledger(fs, root).view()  # the latest checkpoint and the log after it
-        self.committed = sorted(self.ledger.committed())
         self._arrow_fs = _arrow_filesystem(fs)
-        self._datasets: dict[str, ds.Dataset] = {}
         self._con: duckdb.DuckDBPyConnection | None = None
+        self.refresh()
         log.info("opened %s: %d committed shards", uri, len(self.committed))
+
+    def refresh(self) -> None:
+        """Read the ledger (the latest checkpoint and the log after it): the committed shards and the
+        version of their files; datasets and views are built again on next use."""
+        self.close()
+        self.ledger = Ledger(self.fs, self.root).view()
+        self.versions = self.ledger.committed_versions()
+        self.committed = sorted(self.versions)
+        self._datasets: dict[str, ds.Dataset] = {}
 
     def __enter__(self) -> Index:
         return self
@@ -127,7 +167,9 @@ class Index:
     def dataset(self, table: str) -> ds.Dataset:
         """A table over the committed shards' files; ``shard`` comes from each file's partition."""
         if table not in self._datasets:
-            paths = [storage.join(self.root, layout.table_file(table, s)) for s in self.committed]
+            paths = [
+                storage.join(self.root, layout.table_file(table, s, self.versions[s])) for s in self.committed
+            ]
             # from_paths: no listing and no per-file stat (one HEAD per file on object stores).
             self._datasets[table] = ds.FileSystemDataset.from_paths(
                 paths,
@@ -157,8 +199,11 @@ class Index:
                 return pa.table({})
             return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
         except duckdb.Error as exc:
+            if _vanished(exc):
+                raise FilesRewritten(f"a committed file vanished: {_one_line(exc)}") from exc
             raise QueryError(f"SQL error: {_one_line(exc)}") from None
 
+    @read_again_if_rewritten
     def sql(self, query: str) -> pa.Table:
         """Any DuckDB SQL over the views clips, videos and errors."""
         return self._query(query)
@@ -180,6 +225,7 @@ class Index:
                 "videos_error": sum(s["videos_error"] for s in stats), "clips": sum(s["clips"] for s in stats),
                 "hours": sum(s["duration_s_ok"] for s in stats) / 3600.0, "labels_seen": len(seen)}  # fmt: skip
 
+    @read_again_if_rewritten
     def summary(self) -> pa.Table:
         """One row: what the index holds and which model produced it (from the ledger's shard stats)."""
         model = {"model": self.model.get("tag"), "random_weights": bool(self.model.get("random_weights"))}
@@ -201,6 +247,7 @@ class Index:
         row = {**counts, **model, **labels_seen, **shards}
         return pa.Table.from_pylist([row])
 
+    @read_again_if_rewritten
     def labels(self, level: str = "clip", top: int | None = None) -> pa.Table:
         """Label counts and shares, most frequent first (video level: ok videos' labels)."""
         if level not in ("clip", "video"):
@@ -241,6 +288,7 @@ class Index:
             raise QueryError(f"no label matches {text!r}; closest known labels: {hint}")
         return found
 
+    @read_again_if_rewritten
     def search(self, label: str, min_score: float = 0.0, limit: int = 100) -> pa.Table:
         """Clips whose label contains `label`, best score first."""
         names = self.matching_labels(label)
@@ -271,12 +319,14 @@ class Index:
         where = (pc.field("shard") == video["shard"]) & (pc.field("video_id") == video["video_id"])
         return self.dataset("clips").to_table(columns=columns, filter=where).sort_by("clip_index")
 
+    @read_again_if_rewritten
     def video(self, uri_or_id: str) -> pa.Table:
         """A video's clip-by-clip timeline."""
         video = self._resolve_video(uri_or_id)
         columns = ["clip_index", "start_s", "end_s", "label", "score", "topk_labels", "topk_scores"]
         return self._video_clips(video, columns)
 
+    @read_again_if_rewritten
     def similar(
         self, uri_or_id_or_clip: str | tuple[str, int], k: int = 10, clip_index: int | None = None
     ) -> pa.Table:
@@ -320,6 +370,7 @@ class Index:
             params,
         )
 
+    @read_again_if_rewritten
     def errors(self) -> pa.Table:
         """Failed videos by error type, with up to three example URIs each.
 

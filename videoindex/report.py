@@ -36,7 +36,15 @@ import pyarrow.compute as pc
 from videoindex.config import SECRET_KEY_PARTS, ConfigError, parse_storage_options
 from videoindex.format import schemas
 from videoindex.format.thumbnails import thumbnail_jpeg
-from videoindex.query import Index, QueryError, _matrix, _one_line, failed_by_type, open_index
+from videoindex.query import (
+    Index,
+    QueryError,
+    _matrix,
+    _one_line,
+    failed_by_type,
+    open_index,
+    read_again_if_rewritten,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,7 @@ def render_report(
     return out
 
 
+@read_again_if_rewritten  # every section from one reading of the ledger
 def build_context(index: Index, *, sample_videos: int, neighbours: int, seed: int) -> dict[str, Any]:
     """Everything the template shows, from the committed tables and commit markers of `index`."""
     stats = sorted(index.ledger.committed_stats(), key=lambda s: s.get("shard", 0))

@@ -7,9 +7,11 @@ exercise the same code as cluster runs against object storage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -171,9 +173,14 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             head, name = path.rsplit("/", 1)
             # Dot-prefixed: dataset readers (pyarrow, DuckDB globs over *.parquet, Spark) skip it.
             tmp = f"{head}/.{name}.tmp-{random.getrandbits(48):012x}"
-            with fs.open(tmp, "wb") as fh:
-                fh.write(data)
-            fs.mv(tmp, path)
+            try:
+                with fs.open(tmp, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, path)  # atomic; fails on a folder in the way (fs.mv would move into it)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
         else:
             fs.pipe_file(path, data)
 

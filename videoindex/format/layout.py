@@ -1,6 +1,6 @@
 """Where everything lives under OUTPUT: the one place that names files, so every reader and writer agrees.
 
-Layout (all names derive from the shard id, so a re-run overwrites, never duplicates)::
+Layout (all names derive from the shard id and its files' version, so a re-run never duplicates)::
 
     _job.json                                 settings, model, label map, versions
     _plan/plan.parquet                        uri, video_id, size, mtime, shard (sorted by shard, uri)
@@ -8,6 +8,8 @@ Layout (all names derive from the shard id, so a re-run overwrites, never duplic
     clips/shard=00042/part-00042.parquet      one row per clip
     videos/shard=00042/part-00042.parquet     one row per input video
     errors/shard=00042/part-00042.parquet     one row per error met (also non-fatal ones)
+    clips/shard=00042/part-00042-v0003.parquet   the shard rewritten by its attempt 3 (an update, a retry
+                                              of failed videos, --rerun): the commit names the version
     _ledger/log/{run}-{seq}.s00042.a01.committed.json   commit event + shard stats, written last
     _ledger/checkpoints/{position}.parquet    every shard's settled state (format/ledger.py)
 
@@ -35,7 +37,16 @@ def shard_name(shard: int) -> str:
     return f"{shard:0{SHARD_WIDTH}d}"
 
 
-def table_file(table: str, shard: int) -> str:
-    """Path of a shard's file, relative to OUTPUT."""
+def table_file(table: str, shard: int, version: int = 0) -> str:
+    """Path of a shard's file, relative to OUTPUT. A shard's first files are version 0; an attempt that
+    rewrites a committed shard writes its files as version = its attempt number beside the committed ones,
+    commits (the commit event names the version), then deletes the files it supersedes. Readers read the
+    committed version's files, so they see a shard's old rows or its new rows, whole, never a mix."""
     name = shard_name(shard)
-    return f"{table}/shard={name}/part-{name}.parquet"
+    suffix = f"-v{version:04d}" if version else ""
+    return f"{table}/shard={name}/part-{name}{suffix}.parquet"
+
+
+def table_dir(table: str, shard: int) -> str:
+    """The partition folder that holds every version of a shard's file of ``table``."""
+    return f"{table}/shard={shard_name(shard)}"

@@ -2,15 +2,17 @@
 
 A shard is pending -> running (attempt, actor, node, heartbeat) -> committed | failed. Under OUTPUT::
 
-    _ledger/log/{key}.s{shard}.a{attempt}.{event}.json   started | uncommitted | committed | failed
+    _ledger/log/{key}.s{shard}.a{attempt}.{event}.json   started | committed | failed (| uncommitted)
     _ledger/checkpoints/{position}.parquet               every shard's settled state, written now and then
     _ledger/runs/{run}.json                              a run of the job: its driver's heartbeat
 
 ``key`` = ``{run}-{seq}``: ``run`` is when the run started (ms, above every earlier run), ``seq`` the order
 the driver handed out attempts, so an attempt's events sort together and after everything the attempts
 before it wrote. The commit event (holding the shard's stats) is written after all of the shard's table
-files, so a reader that trusts only committed shards never sees a half-written one; log events are the
-source of truth. A checkpoint holds each shard's state after its finished attempts, and its ``position``
+files and names their version, so a reader that trusts only committed shards never sees a half-written
+one, and a rewrite (new files beside the committed ones) is seen whole or not at all; log events are the
+source of truth. ``uncommitted`` events come from outputs of versions that rewrote files in place: they
+withdrew the commit until a later attempt committed, and are still read that way. A checkpoint holds each shard's state after its finished attempts, and its ``position``
 is the key of the first attempt still unfinished when it was written: a reader takes the latest
 checkpoint and lists only the log entries after its position (S3: one request per 1,000 names), so
 status, query and resume cost a bounded number of requests however many shards the job has. A missing or
@@ -70,9 +72,15 @@ class ShardState:
     running: dict[str, Any] | None = None  # the unfinished attempt's started record (+ "key", "uncommitted")
 
     @property
+    def version(self) -> int:
+        """The version of the committed files (``format.layout.table_file``); 0 before any rewrite."""
+        return int((self.stats or {}).get("version", 0))
+
+    @property
     def status(self) -> str:
-        """committed | running | failed | pending (a retry of a committed shard leaves it committed until
-        the retry withdraws the old files)."""
+        """committed | running | failed | pending (a rewrite of a committed shard leaves it committed: its
+        new files are another version until their commit; ``uncommitted`` events, written by versions that
+        rewrote files in place, withdrew the commit for the rewrite)."""
         if self.committed and not (self.running and self.running.get("uncommitted")):
             return "committed"
         if self.running is not None:
@@ -106,6 +114,10 @@ class LedgerView:
 
     def committed(self) -> set[int]:
         return {s for s, st in self.shards.items() if st.status == "committed"}
+
+    def committed_versions(self) -> dict[int, int]:
+        """{shard: version of its committed files}, in shard order: what readers open."""
+        return {s: st.version for s, st in sorted(self.shards.items()) if st.status == "committed"}
 
     def failed(self) -> set[int]:
         return {s for s, st in self.shards.items() if st.status == "failed"}

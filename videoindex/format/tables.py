@@ -1,8 +1,10 @@
 """A shard's tables as Parquet: one deterministic file per shard per table, written and read back.
 
-Files are named from the shard id (``clips/shard=00042/part-00042.parquet``), written whole (atomic
-rename locally, single PUT on object stores), and carry no timestamps, so writing the same rows again
-gives byte-identical files. The shard's commit marker is written by the ledger after all three.
+Files are named from the shard id and version (``clips/shard=00042/part-00042.parquet``; a rewrite of a
+committed shard writes ``part-00042-v0003.parquet`` beside it), written whole (atomic rename locally,
+single PUT on object stores), and carry no timestamps, so writing the same rows again gives
+byte-identical files. The shard's commit event is written by the ledger after all three; the versions it
+supersedes are deleted after it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from videoindex import storage
-from videoindex.format.layout import SCHEMA_VERSION, TABLES, table_file
+from videoindex.format.layout import SCHEMA_VERSION, TABLES, table_dir, table_file
 from videoindex.format.schemas import STATUS_OK
 
 # Small tables are read whole; clips are read by column, so row groups stay large enough for
@@ -61,26 +63,45 @@ def write_shard_tables(
     *,
     metadata: dict[bytes, bytes],
     clips_row_group_size: int,
+    version: int = 0,
 ) -> dict[str, int]:
-    """Write the three tables of a shard; returns bytes written per table."""
+    """Write the three tables of a shard as ``version``; returns bytes written per table."""
     written = {}
     for name in TABLES:
         size = clips_row_group_size if name == "clips" else VIDEOS_ROW_GROUP
         data = parquet_bytes(tables[name], metadata, size)
-        storage.write_bytes(fs, storage.join(root, table_file(name, shard)), data)
+        storage.write_bytes(fs, storage.join(root, table_file(name, shard, version)), data)
         written[name] = len(data)
     return written
 
 
-def read_shard_tables(fs: Any, root: str, shard: int) -> dict[str, pa.Table]:
+def read_shard_tables(fs: Any, root: str, shard: int, version: int = 0) -> dict[str, pa.Table]:
     """A committed shard's tables as written (used to replace failed videos on resume)."""
     return {
         name: storage.with_retries(
-            lambda name=name: pq.read_table(storage.join(root, table_file(name, shard)), filesystem=fs),
+            lambda name=name: pq.read_table(
+                storage.join(root, table_file(name, shard, version)), filesystem=fs
+            ),
             what=f"read shard {shard} {name}",
         )
         for name in TABLES
     }
+
+
+def remove_superseded(fs: Any, root: str, shard: int, version: int) -> list[str]:
+    """After ``version`` of a shard is committed, delete its other files: the version it replaced and any
+    that an attempt killed before its commit left behind (one listing per table). Returns the paths."""
+    removed = []
+    for name in TABLES:
+        folder = storage.join(root, table_dir(name, shard))
+        keep = table_file(name, shard, version).rsplit("/", 1)[1]
+        fs.invalidate_cache(folder)
+        for leaf in storage.list_after(fs, folder):
+            if leaf != keep and leaf.endswith(".parquet"):
+                path = storage.join(folder, leaf)
+                storage.with_retries(lambda path=path: fs.rm_file(path), what=f"delete superseded {path}")
+                removed.append(path)
+    return removed
 
 
 TABLE_ORDER = {"clips": [("uri", "ascending"), ("clip_index", "ascending")], "videos": [("uri", "ascending")],

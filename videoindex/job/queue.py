@@ -42,10 +42,12 @@ class ShardQueue:
         self.handed_out = 0
         self.lock = threading.Lock()
 
-    def add(self, shard: int, attempt: int, video_ids: tuple[str, ...] | None = None, *, replaces: bool = False
-            ) -> None:  # fmt: skip
+    def add(self, shard: int, attempt: int, video_ids: tuple[str, ...] | None = None, *,
+            committed_version: int | None = None) -> None:  # fmt: skip
+        """Queue an attempt; ``committed_version`` is the version of the shard's committed files, if any."""
         videos = tuple(shard_tasks(self.rows(shard)))
-        work = ShardWork(shard, attempt, videos, video_ids, replaces=replaces, generation=self.generation)
+        work = ShardWork(shard, attempt, videos, video_ids, replaces=committed_version is not None,
+                         committed_version=committed_version or 0, generation=self.generation)  # fmt: skip
         self.pending.append(work)
 
     def __len__(self) -> int:

@@ -16,11 +16,14 @@ from videoindex.format.jobrecord import JOB_FILE, read_job
 from videoindex.format.layout import table_file
 
 
-def failed_videos(fs: Any, root: str, shards: set[int], *, all_errors: bool) -> dict[int, tuple[str, ...]]:
-    """Video ids with status=error per committed shard (retryable error types only, unless all_errors)."""
+def failed_videos(
+    fs: Any, root: str, shards: dict[int, int], *, all_errors: bool
+) -> dict[int, tuple[str, ...]]:
+    """Video ids with status=error per committed shard ({shard: committed version}; retryable error types
+    only, unless all_errors)."""
     if not shards:
         return {}
-    files = [storage.join(root, table_file("videos", s)) for s in sorted(shards)]
+    files = [storage.join(root, table_file("videos", s, v)) for s, v in sorted(shards.items())]
     dataset = pads.dataset(
         files,
         filesystem=fs,

@@ -97,7 +97,7 @@ def _queue(config: JobConfig, ledger: Ledger, view: LedgerView, plan: pa.Table, 
     generation = int(record["plan"].get("generation", 0))
     queue = ShardQueue(ledger, plan, config.execution.max_attempts, run=run, generation=generation,
                        checkpoint_every=config.execution.checkpoint_every)  # fmt: skip
-    committed = view.committed()
+    committed = view.committed_versions()
     partial = {} if rerun else outdated_videos(plan, view)
     if retry is not None:
         for shard, ids in failed_videos(ledger.fs, ledger.root, committed, all_errors=retry == "all").items():
@@ -105,9 +105,9 @@ def _queue(config: JobConfig, ledger: Ledger, view: LedgerView, plan: pa.Table, 
     for shard in range(int(record["plan"]["shards"])):
         attempt = view.state(shard).attempts + 1
         if rerun or shard not in committed:
-            queue.add(shard, attempt, replaces=shard in committed)
+            queue.add(shard, attempt, committed_version=committed.get(shard))
         elif shard in partial:
-            queue.add(shard, attempt, tuple(sorted(partial[shard])), replaces=True)
+            queue.add(shard, attempt, tuple(sorted(partial[shard])), committed_version=committed[shard])
     return queue
 
 

@@ -25,6 +25,7 @@ from videoindex.format.plans import VideoTask
 from videoindex.format.tables import (
     file_metadata,
     read_shard_tables,
+    remove_superseded,
     replace_videos,
     stats_from_tables,
     write_shard_tables,
@@ -46,7 +47,8 @@ class ShardWork:
     videos: tuple[VideoTask, ...]
     video_ids: tuple[str, ...] | None = None  # re-index only these videos of a committed shard
     key: str = ""  # the attempt's place in the ledger's log (format.ledger.attempt_key)
-    replaces: bool = False  # the shard is committed: withdraw that commit before rewriting its files
+    replaces: bool = False  # the shard is committed: write a new version of its files, then drop the old
+    committed_version: int = 0  # the version of its committed files (read when only some videos are redone)
     generation: int = 0  # the plan generation this attempt brings the shard up to (job.update)
 
 
@@ -196,7 +198,7 @@ class ShardIndexer:
     def _index(self, work: ShardWork, started: float) -> dict[str, Any]:
         videos = work.videos
         if work.video_ids is not None:  # ids of videos gone from the input are dropped, not indexed
-            previous = read_shard_tables(self.fs, self.root, work.shard)
+            previous = read_shard_tables(self.fs, self.root, work.shard, work.committed_version)
             wanted = set(work.video_ids)
             videos = tuple(v for v in videos if v.video_id in wanted)
         log.info("[shard %s] attempt %d: %d videos", shard_name(work.shard), work.attempt, len(videos))
@@ -206,13 +208,24 @@ class ShardIndexer:
         tables = (
             out.tables if work.video_ids is None else replace_videos(previous, out.tables, work.video_ids)
         )
-        if work.replaces:
-            # Readers keep the old rows while the shard is indexed again, then stop seeing it for the few
-            # writes until its new files are committed (a crash here leaves it to a resume).
-            self.ledger.event(work.key, work.shard, work.attempt, "uncommitted", {})
-        written = write_shard_tables(self.fs, self.root, work.shard, tables, metadata=self.metadata,
+        # A committed shard's new files are another version: readers keep the old rows until the commit.
+        version = work.attempt if work.replaces else 0
+        written = write_shard_tables(self.fs, self.root, work.shard, tables, metadata=self.metadata, version=version,
                                      clips_row_group_size=self.context.config.output.clips_row_group_size)  # fmt: skip
         stats = {**out.stats, **stats_from_tables(tables), "shard": work.shard, "attempt": work.attempt,
-                 "generation": work.generation, "started_at": started, "finished_at": time.time(), "bytes_written": written, **self.where}  # fmt: skip
+                 "version": version, "generation": work.generation, "started_at": started,
+                 "finished_at": time.time(), "bytes_written": written, **self.where}  # fmt: skip
         self.ledger.event(work.key, work.shard, work.attempt, "committed", stats)
+        if work.replaces:
+            self._remove_superseded(work.shard, version)
         return stats
+
+    def _remove_superseded(self, shard: int, version: int) -> None:
+        """Delete the files the commit superseded; a failure leaves them for the shard's next rewrite
+        (readers follow the commit, so they never read them)."""
+        try:
+            removed = remove_superseded(self.fs, self.root, shard, version)
+            log.info("[shard %s] removed %d superseded files", shard_name(shard), len(removed))
+        except Exception as exc:
+            log.warning("[shard %s] superseded files not removed (%s: %s); the next rewrite removes them",
+                        shard_name(shard), type(exc).__name__, exc)  # fmt: skip
