@@ -1,7 +1,7 @@
 """Bookkeeping at scale: seconds (local disk) and requests (moto S3) of each reader against the shard count.
 
     .venv/bin/python benchmarks/bench_bookkeeping.py [--shards 1000 10000 100000] [--moto-shards 1000 5000]
-                                                     [--heavy-up-to 10000]
+                                                     [--heavy-up-to 10000] [--ledger-only 100000 1000000]
 
 Builds synthetic indexes (tests/synthetic_index.py: real layout, schemas, ledger log and a final
 checkpoint, as a finished job leaves them; one video of two clips per shard, 2% failed videos) and times
@@ -9,13 +9,16 @@ each operation once, in this process, on a freshly opened index: ``status``, ``q
 ``labels``, ``errors``, ``search`` and ``similar`` (these two scan the clips table: run up to
 ``--heavy-up-to`` shards), the report, and the bookkeeping of a resume with nothing to do (the ledger
 view, the plan and the queue: everything a real resume does before it would load the model). On moto
-every request is counted at a proxy in front of the server.
+every request is counted at a proxy in front of the server. ``--ledger-only`` times status and a no-op
+resume on the ledger a finished job of that many shards leaves (the states and stats of a 10-shard
+synthetic index repeated into one checkpoint), without writing table files: minutes instead of hours.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import sys
 import tempfile
@@ -30,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from tests.s3server import FlakyProxy, moto_server, s3_options  # noqa: E402
 from tests.synthetic_index import write_synthetic_index  # noqa: E402
 from videoindex import storage  # noqa: E402
-from videoindex.format.ledger import Ledger  # noqa: E402
+from videoindex.format.ledger import Ledger, LedgerView  # noqa: E402
 from videoindex.format.plans import read_plan, write_plan  # noqa: E402
 from videoindex.job.run import outdated_videos  # noqa: E402
 from videoindex.query import open_index  # noqa: E402
@@ -130,16 +133,53 @@ def moto(shards: list[int], heavy_up_to: int) -> None:
             print(f"| {n:,} | " + " | ".join(cells) + " |", flush=True)
 
 
+def _ledger_only(uri: str, shards: int) -> None:
+    """A 10-shard synthetic index whose ledger checkpoint and _job.json then claim ``shards`` shards."""
+    _build(uri, 10, None)
+    fs, root = storage.filesystem(uri)
+    ledger = Ledger(fs, root)
+    small = ledger.view()
+    big = LedgerView(position=small.position, last_key=small.last_key)
+    for shard in range(shards):
+        state = copy.copy(small.shards[shard % 10])
+        state.shard, state.stats = shard, {**small.shards[shard % 10].stats, "shard": shard}
+        big.shards[shard] = state
+    for name in fs.ls(storage.join(root, "_ledger", "checkpoints")):
+        fs.rm(name)
+    ledger.write_checkpoint(big)
+    job = storage.read_json(fs, storage.join(root, "_job.json"))
+    job["plan"]["shards"] = shards
+    storage.write_json(fs, storage.join(root, "_job.json"), job)
+
+
+def ledger_only(shards: list[int]) -> None:
+    print("\nLedger only (local disk), seconds:\n")
+    print("| shards | build s | status | resume (no-op) |")
+    print("|---|---|---|---|")
+    for n in shards:
+        with tempfile.TemporaryDirectory() as tmp:
+            uri = str(Path(tmp) / "out")
+            built, _ = _timed(lambda n=n, uri=uri: _ledger_only(uri, n))
+            status_s, status = _timed(lambda uri=uri: job_status(uri))
+            assert status["shards"]["committed"] == n, status["shards"]
+            resume_s, to_run = _timed(lambda uri=uri: _resume_bookkeeping(uri, None))
+            assert to_run == 0, to_run
+            print(f"| {n:,} | {built:.0f} | {status_s:.2f} | {resume_s:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shards", type=int, nargs="*", default=[1000, 10000, 100000])
     parser.add_argument("--moto-shards", type=int, nargs="*", default=[1000, 5000])
     parser.add_argument("--heavy-up-to", type=int, default=10000)
+    parser.add_argument("--ledger-only", type=int, nargs="*", default=[])
     args = parser.parse_args()
     if args.shards:
         local(args.shards, args.heavy_up_to)
     if args.moto_shards:
         moto(args.moto_shards, args.heavy_up_to)
+    if args.ledger_only:
+        ledger_only(args.ledger_only)
 
 
 if __name__ == "__main__":

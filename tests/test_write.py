@@ -67,3 +67,33 @@ def test_a_withdrawn_commit_stays_withdrawn_until_a_later_attempt_commits(tmp_pa
     ledger.event(attempt_key(4, 1), 0, 4, "committed", {"videos": 1})
     ledger.write_checkpoint(ledger.view())
     assert ledger.view().committed() == {0} and ledger.view().state(0).stats["videos"] == 1
+
+
+def test_checkpoint_count_columns_spare_readers_the_stats_json(tmp_path: Path) -> None:
+    """A checkpoint holds the numbers readers add up as columns: totals, busy span, generation and version
+    come from them with no stats parsed, equal to those of the log; stats still parse on demand; a
+    checkpoint written before those columns existed gives the same answers from its stats."""
+    from videoindex.format.ledger import COUNT_KEYS, Ledger, attempt_key, committed_totals
+
+    ledger = Ledger(*storage.filesystem(str(tmp_path)))
+    for shard in range(3):
+        stats = {"videos": 2, "videos_ok": 1, "videos_error": 1, "clips": 5 + shard, "duration_s_ok": 1.5,
+                 "started_at": 10.0 + shard, "finished_at": 20.0 + shard, "generation": shard, "version": 2 * shard,
+                 "clip_labels": {"3": 5}}  # fmt: skip
+        ledger.event(attempt_key(1, shard + 1), shard, 1, "committed", stats)
+    from_log = ledger.view()
+    expected = committed_totals(from_log.committed_stats())
+    assert expected == ({"videos": 6, "videos_ok": 3, "videos_error": 3, "clips": 18}, 12.0)
+    ledger.write_checkpoint(from_log)
+
+    view = ledger.view()
+    assert committed_totals(view.committed_counts()) == expected
+    assert [(view.state(s).generation, view.state(s).version) for s in range(3)] == [(0, 0), (1, 2), (2, 4)]
+    assert all(state._stats_json is not None for state in view.shards.values())  # none parsed
+    assert view.state(1).stats == from_log.state(1).stats
+
+    (path,) = (tmp_path / "_ledger" / "checkpoints").glob("*.parquet")
+    pq.write_table(pq.read_table(path).drop_columns(list(COUNT_KEYS)), path)
+    old = ledger.view()
+    assert committed_totals(old.committed_counts()) == expected
+    assert old.committed_versions() == {0: 0, 1: 2, 2: 4}

@@ -39,8 +39,7 @@ def _outdated(record: dict[str, Any], view: Any) -> set[int]:
     found: set[int] = set()
     for entry in generations(record):
         for shard in entry.get("shards") or ():
-            stats = view.state(int(shard)).stats or {}
-            if int(stats.get("generation", 0)) < int(entry["generation"]):
+            if view.state(int(shard)).generation < int(entry["generation"]):
                 found.add(int(shard))
     return found
 
@@ -76,7 +75,7 @@ def job_status(
             counts[status] += 1
     counts["pending"] = total - sum(counts.values())
     counts["pending_update"] = sum(1 for s in outdated if view.state(s).status == "committed")
-    stats = view.committed_stats()
+    stats = view.committed_counts()
     totals, _ = committed_totals(stats)
     # Rates from this run's commits: an updated index's first commits are from an earlier run, maybe months ago.
     since = float((run or {}).get("started_at") or 0)

@@ -40,6 +40,9 @@ from videoindex.format.layout import LEDGER_DIR
 log = logging.getLogger(__name__)
 
 TOTAL_KEYS = ("videos", "videos_ok", "videos_error", "clips")
+# The numbers of a commit's stats that readers add up or compare; a checkpoint holds them as columns, so
+# status, resume and the job's summary never parse the stats' JSON (100,000 shards: seconds of parsing).
+COUNT_KEYS = (*TOTAL_KEYS, "duration_s_ok", "started_at", "finished_at", "generation", "version")
 EVENTS = ("started", "uncommitted", "committed", "failed")
 LOG, CHECKPOINTS, RUNS = "log", "checkpoints", "runs"
 STALLED_AFTER = 3  # heartbeat intervals without a renewal before an attempt counts as stalled
@@ -67,14 +70,40 @@ class ShardState:
     attempts: int = 0
     failed_attempts: int = 0
     last_failure: str | None = None
-    stats: dict[str, Any] | None = None  # the committed attempt's stats
     applied_key: str = ""  # the key of the last finished attempt folded in
     running: dict[str, Any] | None = None  # the unfinished attempt's started record (+ "key", "uncommitted")
+    _stats: dict[str, Any] | None = field(default=None, repr=False)
+    _stats_json: str | None = field(default=None, repr=False)  # from a checkpoint: parsed when asked for
+    _counts: dict[str, float] | None = field(default=None, repr=False)
+
+    @property
+    def stats(self) -> dict[str, Any] | None:
+        """The committed attempt's stats."""
+        if self._stats is None and self._stats_json is not None:
+            self._stats, self._stats_json = json.loads(self._stats_json), None
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: dict[str, Any] | None) -> None:
+        self._stats, self._stats_json, self._counts = value, None, None
+
+    @property
+    def counts(self) -> dict[str, float]:
+        """The committed stats' COUNT_KEYS (those present), without parsing the rest."""
+        if self._counts is None:
+            stats = self.stats or {}
+            self._counts = {key: stats[key] for key in COUNT_KEYS if stats.get(key) is not None}
+        return self._counts
 
     @property
     def version(self) -> int:
         """The version of the committed files (``format.layout.table_file``); 0 before any rewrite."""
-        return int((self.stats or {}).get("version", 0))
+        return int(self.counts.get("version", 0))
+
+    @property
+    def generation(self) -> int:
+        """The plan generation the committed files are from (``job.update``)."""
+        return int(self.counts.get("generation", 0))
 
     @property
     def status(self) -> str:
@@ -128,6 +157,10 @@ class LedgerView:
     def committed_stats(self) -> list[dict[str, Any]]:
         return [st.stats for st in self.shards.values() if st.status == "committed" and st.stats is not None]
 
+    def committed_counts(self) -> list[dict[str, float]]:
+        """Each committed shard's COUNT_KEYS: what totals and rates need, cheap at any shard count."""
+        return [st.counts for st in self.shards.values() if st.status == "committed" and st.counts]
+
     def apply(self, attempt: _Attempt) -> None:
         """Fold one attempt's events in (attempts in key order; those a checkpoint holds are skipped)."""
         state = self.state(attempt.shard)
@@ -164,7 +197,7 @@ class LedgerView:
 
 
 CHECKPOINT_COLUMNS = ("shard", "committed", "final_failure", "attempts", "failed_attempts", "last_failure",
-                      "stats", "applied_key")  # fmt: skip
+                      "stats", "applied_key", *COUNT_KEYS)  # fmt: skip
 
 
 def _checkpoint_bytes(view: LedgerView) -> bytes:
@@ -179,24 +212,41 @@ def _checkpoint_bytes(view: LedgerView) -> bytes:
         "attempts": pa.array([s.attempts for s in states], pa.int32()),
         "failed_attempts": pa.array([s.failed_attempts for s in states], pa.int32()),
         "last_failure": pa.array([s.last_failure for s in states], pa.string()),
-        "stats": pa.array([json.dumps(s.stats, sort_keys=True) if s.stats else None for s in states], pa.string()),
+        "stats": pa.array([_stats_text(s) for s in states], pa.string()),
         "applied_key": [s.applied_key for s in states],
+        **{key: pa.array([s.counts.get(key) for s in states], pa.float64()) for key in COUNT_KEYS},
     })  # fmt: skip
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
 
 
+def _stats_text(state: ShardState) -> str | None:
+    if state._stats_json is not None:  # from the previous checkpoint, never parsed: written back as it was
+        return state._stats_json
+    return json.dumps(state.stats, sort_keys=True) if state.stats else None
+
+
 def _view_from_checkpoint(data: bytes, position: str) -> LedgerView:
+    """The states a checkpoint holds, column by column; stats stay JSON text until someone reads them
+    (their numbers come from the count columns, in checkpoints that have them)."""
     import pyarrow.parquet as pq
 
+    table = pq.read_table(io.BytesIO(data))
+    columns = {name: table[name].to_pylist() for name in CHECKPOINT_COLUMNS[:8]}
+    counts = [key for key in COUNT_KEYS if key in table.column_names]
+    count_rows = zip(*(table[key].to_pylist() for key in counts), strict=True) if counts else None
     view = LedgerView(position=position, last_key=position.rstrip("~"))
-    for row in pq.read_table(io.BytesIO(data)).to_pylist():
-        state = view.state(int(row["shard"]))
-        state.committed, state.final_failure = bool(row["committed"]), bool(row["final_failure"])
-        state.attempts, state.failed_attempts = int(row["attempts"]), int(row["failed_attempts"])
-        state.last_failure, state.applied_key = row["last_failure"], row["applied_key"]
-        state.stats = json.loads(row["stats"]) if row["stats"] else None
+    for n, shard in enumerate(columns["shard"]):
+        state = ShardState(int(shard), bool(columns["committed"][n]), bool(columns["final_failure"][n]),
+                           int(columns["attempts"][n]), int(columns["failed_attempts"][n]),
+                           columns["last_failure"][n], columns["applied_key"][n])  # fmt: skip
+        state._stats_json = columns["stats"][n]
+        if count_rows is not None:
+            values = next(count_rows)
+            if state._stats_json is not None:
+                state._counts = {k: v for k, v in zip(counts, values, strict=True) if v is not None}
+        view.shards[state.shard] = state
     return view
 
 

@@ -83,7 +83,7 @@ def outdated_videos(plan: pa.Table, view: LedgerView) -> dict[int, set[str]]:
     since = np.full(int(shards.max()) + 1, np.iinfo(np.int32).max, np.int64)  # uncommitted: never outdated
     for shard in committed:
         if shard < len(since):
-            since[shard] = int((view.state(shard).stats or {}).get("generation", 0))
+            since[shard] = view.state(shard).generation
     outdated = plan["generation"].to_numpy() > since[shards]
     found: dict[int, set[str]] = {}
     ids = plan["video_id"].filter(pa.array(outdated)).to_pylist()
@@ -190,7 +190,7 @@ def run_job(
         queue.checkpoint()  # readers of the finished run take it from here: a bounded number of requests
         result.summary["failed_shards"] = dict(queue.failed)
     committed = view.committed() | set(queue.committed)  # what earlier runs committed, and this one
-    earlier = [view.state(s).stats or {} for s in sorted(committed - set(queue.committed))]
+    earlier = [view.state(s).counts for s in sorted(committed - set(queue.committed))]
     result.summary.update(summarize(earlier + list(queue.committed.values())))
     result.summary["shards_committed"] = len(committed)
     result.summary["shards_failed"] = len(queue.failed)
