@@ -97,3 +97,44 @@ def test_checkpoint_count_columns_spare_readers_the_stats_json(tmp_path: Path) -
     old = ledger.view()
     assert committed_totals(old.committed_counts()) == expected
     assert old.committed_versions() == {0: 0, 1: 2, 2: 4}
+
+
+def test_a_commit_removes_older_versions_only(tmp_path: Path) -> None:
+    """After version 4 of a shard commits, versions 0 and 2 of its files go; version 6 (an attempt thought
+    lost that may still commit and win) and files that are not table files stay."""
+    from videoindex.format.layout import file_version, table_file
+    from videoindex.format.tables import remove_superseded
+
+    fs, root = storage.filesystem(str(tmp_path))
+    for version in (0, 2, 4, 6):
+        for table in ("clips", "videos", "errors"):
+            storage.write_bytes(fs, storage.join(root, table_file(table, 7, version)), b"PAR1")
+    (tmp_path / "clips" / "shard=00007" / ".part-00007-v0005.parquet.tmp-1").write_bytes(b"")
+    removed = remove_superseded(fs, root, 7, 4)
+    assert (
+        sorted(Path(p).name for p in removed) == ["part-00007-v0002.parquet"] * 3 + ["part-00007.parquet"] * 3
+    )
+    left = sorted(p.name for p in (tmp_path / "clips" / "shard=00007").iterdir())
+    assert left == [".part-00007-v0005.parquet.tmp-1", "part-00007-v0004.parquet", "part-00007-v0006.parquet"]
+    assert [file_version(n) for n in left] == [None, 4, 6]
+
+
+def test_an_attempt_that_committed_before_it_was_lost_counts_as_done(tmp_path: Path) -> None:
+    """An attempt whose actor died after its commit event was written is not retried: a retry would
+    rewrite the shard from the version that commit superseded (and deleted)."""
+    from videoindex.format.ledger import Ledger, attempt_key
+    from videoindex.job.queue import ShardQueue
+    from videoindex.stages.plan import make_plan
+
+    ledger = Ledger(*storage.filesystem(str(tmp_path)))
+    rows = [{"uri": f"/v/{n}.mp4", "size_bytes": 1, "mtime": None, "extra": None} for n in range(4)]
+    queue = ShardQueue(ledger, make_plan(rows, 2), max_attempts=3, run=1)
+    queue.add(0, 1)
+    queue.add(1, 1)
+    first, second = queue.pop(), queue.pop()
+    ledger.event(first.key, 0, 1, "committed", {"videos": 2, "version": 0})
+    queue.fail(first, "actor died")
+    queue.fail(second, "actor died")
+    assert queue.committed == {0: ledger.committed_record(attempt_key(1, 1), 0, 1)}
+    assert [(w.shard, w.attempt) for w in queue.pending] == [(1, 2)]
+    assert ledger.view().state(0).status == "committed" and ledger.view().state(0).failed_attempts == 0

@@ -84,7 +84,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--storage-option", action="append", metavar="KEY=VALUE", help="fsspec option (repeatable)"
     )
     p.add_argument(
-        "--rerun", action="store_true", help="re-process committed shards too (files are overwritten)"
+        "--rerun",
+        action="store_true",
+        help="re-process committed shards too (their files are replaced by a new version)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(

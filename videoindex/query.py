@@ -60,13 +60,16 @@ class FilesRewritten(QueryError):
     """A committed file vanished while it was read: a rewrite of its shard committed a newer version."""
 
 
-def _vanished(exc: BaseException) -> bool:
-    if isinstance(exc, FileNotFoundError | FilesRewritten):
+def _vanished(exc: BaseException, root: str) -> bool:
+    """A file under the index's root that is gone (not, say, a COPY target of the user's SQL)."""
+    if isinstance(exc, FilesRewritten):
         return True
     text = str(exc)
-    return isinstance(exc, duckdb.Error) and any(
-        s in text for s in ("No such file", "FileNotFoundError", "NoSuchKey")
+    gone = ("No such file", "FileNotFoundError", "NoSuchKey")
+    missing = isinstance(exc, FileNotFoundError) or (
+        isinstance(exc, duckdb.Error) and any(s in text for s in gone)
     )
+    return missing and root in text
 
 
 def read_again_if_rewritten(method: Any) -> Any:
@@ -75,15 +78,20 @@ def read_again_if_rewritten(method: Any) -> Any:
 
     @functools.wraps(method)
     def reread(self: Index, *args: Any, **kwargs: Any) -> Any:
+        if self._reading:  # inside another such call: the outermost one reads again, as a whole
+            return method(self, *args, **kwargs)
+        self._reading = True
         try:
             return method(self, *args, **kwargs)
         except Exception as exc:
-            if not _vanished(exc):
+            if not _vanished(exc, self.root):
                 raise
             log.info("a shard was rewritten while %s read it (%s); reading the ledger again", self.uri,
                      _one_line(exc)[:200])  # fmt: skip
             self.refresh()
             return method(self, *args, **kwargs)
+        finally:
+            self._reading = False
 
     return reread
 
@@ -128,17 +136,21 @@ class Index:
         self.id2label = {int(k): v for k, v in self.model.get("id2label", {}).items()}
         self._arrow_fs = _arrow_filesystem(fs)
         self._con: duckdb.DuckDBPyConnection | None = None
+        self._reading = False  # inside a call that reads again when a rewrite deleted its files
         self.refresh()
         log.info("opened %s: %d committed shards", uri, len(self.committed))
 
     def refresh(self) -> None:
         """Read the ledger (the latest checkpoint and the log after it): the committed shards and the
-        version of their files; datasets and views are built again on next use."""
-        self.close()
+        version of their files. Datasets are built again on next use; an open DuckDB connection keeps
+        whatever the caller made in it and gets its three views pointed at the new files."""
         self.ledger = Ledger(self.fs, self.root).view()
         self.versions = self.ledger.committed_versions()
         self.committed = sorted(self.versions)
         self._datasets: dict[str, ds.Dataset] = {}
+        if self._con is not None:
+            for table in layout.TABLES:
+                self._con.register(table, self.dataset(table))
 
     def __enter__(self) -> Index:
         return self
@@ -199,7 +211,7 @@ class Index:
                 return pa.table({})
             return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
         except duckdb.Error as exc:
-            if _vanished(exc):
+            if _vanished(exc, self.root):
                 raise FilesRewritten(f"a committed file vanished: {_one_line(exc)}") from exc
             raise QueryError(f"SQL error: {_one_line(exc)}") from None
 

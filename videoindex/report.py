@@ -81,7 +81,7 @@ def render_report(
     return out
 
 
-@read_again_if_rewritten  # every section from one reading of the ledger
+@read_again_if_rewritten  # read again as a whole: no section from before a rewrite, one from after
 def build_context(index: Index, *, sample_videos: int, neighbours: int, seed: int) -> dict[str, Any]:
     """Everything the template shows, from the committed tables and commit markers of `index`."""
     stats = sorted(index.ledger.committed_stats(), key=lambda s: s.get("shard", 0))

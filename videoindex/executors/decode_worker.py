@@ -109,5 +109,6 @@ if __name__ == "__main__":  # python -m videoindex.executors.decode_worker FD (t
     serve(Connection(int(sys.argv[1])))
     # Every event was sent and nothing else is buffered: skip the interpreter's teardown (torch and PyAV
     # make it take about half a second, paid by every job's end).
+    sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -15,10 +15,13 @@ Layout (all names derive from the shard id and its files' version, so a re-run n
 
 ``shard`` is a Hive partition column (not stored inside the files), so
 ``pyarrow.dataset.dataset(OUTPUT + "/clips", partitioning="hive")`` and DuckDB's ``hive_partitioning``
-give it back as an integer.
+give it back as an integer. Such a plain read of the folders is exact for a finished job with no rewrite
+under way or left unfinished; readers that follow the ledger (``videoindex.query``) always are.
 """
 
 from __future__ import annotations
+
+import re
 
 SCHEMA_VERSION = 1
 TABLES = ("clips", "videos", "errors")
@@ -45,6 +48,16 @@ def table_file(table: str, shard: int, version: int = 0) -> str:
     name = shard_name(shard)
     suffix = f"-v{version:04d}" if version else ""
     return f"{table}/shard={name}/part-{name}{suffix}.parquet"
+
+
+_PART = re.compile(r"^part-\d+(?:-v(\d+))?\.parquet$")
+
+
+def file_version(name: str) -> int | None:
+    """The version of a shard's file from its name (``part-00042-v0003.parquet`` -> 3, no suffix -> 0);
+    None for a name that is not a table file (temporary files, anything else)."""
+    match = _PART.match(name)
+    return None if match is None else int(match.group(1) or 0)
 
 
 def table_dir(table: str, shard: int) -> str:

@@ -234,8 +234,9 @@ def _view_from_checkpoint(data: bytes, position: str) -> LedgerView:
 
     table = pq.read_table(io.BytesIO(data))
     columns = {name: table[name].to_pylist() for name in CHECKPOINT_COLUMNS[:8]}
-    counts = [key for key in COUNT_KEYS if key in table.column_names]
-    count_rows = zip(*(table[key].to_pylist() for key in counts), strict=True) if counts else None
+    counts = list(COUNT_KEYS)  # a checkpoint without every count column: counts come from the stats
+    complete = all(key in table.column_names for key in counts)
+    count_rows = zip(*(table[key].to_pylist() for key in counts), strict=True) if complete else None
     view = LedgerView(position=position, last_key=position.rstrip("~"))
     for n, shard in enumerate(columns["shard"]):
         state = ShardState(int(shard), bool(columns["committed"][n]), bool(columns["final_failure"][n]),
@@ -343,6 +344,13 @@ class Ledger:
     def latest_run(self) -> dict[str, Any] | None:
         names = [n for n in storage.list_after(self.fs, self._path(RUNS)) if n.endswith(".json")]
         return self._read(self._path(RUNS, names[-1])) if names else None
+
+    def committed_record(self, key: str, shard: int, attempt: int) -> dict[str, Any] | None:
+        """The commit event of one attempt (its stats), or None if it did not commit."""
+        try:
+            return storage.read_json(self.fs, self._path(LOG, event_name(key, shard, attempt, "committed")))
+        except FileNotFoundError:
+            return None
 
     # ------------------------------------------------------------------------------------- writing
 

@@ -1,4 +1,4 @@
-"""A shard's tables as Parquet: one deterministic file per shard per table, written and read back.
+"""A shard's tables as Parquet: one deterministic file per shard, table and version, written and read back.
 
 Files are named from the shard id and version (``clips/shard=00042/part-00042.parquet``; a rewrite of a
 committed shard writes ``part-00042-v0003.parquet`` beside it), written whole (atomic rename locally,
@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from videoindex import storage
-from videoindex.format.layout import SCHEMA_VERSION, TABLES, table_dir, table_file
+from videoindex.format.layout import SCHEMA_VERSION, TABLES, file_version, table_dir, table_file
 from videoindex.format.schemas import STATUS_OK
 
 # Small tables are read whole; clips are read by column, so row groups stay large enough for
@@ -89,18 +89,23 @@ def read_shard_tables(fs: Any, root: str, shard: int, version: int = 0) -> dict[
 
 
 def remove_superseded(fs: Any, root: str, shard: int, version: int) -> list[str]:
-    """After ``version`` of a shard is committed, delete its other files: the version it replaced and any
-    that an attempt killed before its commit left behind (one listing per table). Returns the paths."""
+    """After ``version`` of a shard is committed, delete its older files: the version it replaced and any
+    that an attempt killed before its commit left behind (one listing per table). Newer versions stay: an
+    attempt thought lost may still be running, and its commit wins over this one. Returns the paths."""
     removed = []
     for name in TABLES:
         folder = storage.join(root, table_dir(name, shard))
-        keep = table_file(name, shard, version).rsplit("/", 1)[1]
         fs.invalidate_cache(folder)
         for leaf in storage.list_after(fs, folder):
-            if leaf != keep and leaf.endswith(".parquet"):
-                path = storage.join(folder, leaf)
+            older = file_version(leaf)
+            if older is None or older >= version:
+                continue
+            path = storage.join(folder, leaf)
+            try:
                 storage.with_retries(lambda path=path: fs.rm_file(path), what=f"delete superseded {path}")
-                removed.append(path)
+            except FileNotFoundError:  # removed meanwhile by another attempt's clean-up
+                continue
+            removed.append(path)
     return removed
 
 

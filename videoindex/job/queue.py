@@ -71,7 +71,15 @@ class ShardQueue:
             self.checkpoint()
 
     def fail(self, work: ShardWork, reason: str) -> None:
-        """Record a failed attempt; queue the next one unless this run spent ``max_attempts`` on it."""
+        """Record a failed attempt; queue the next one unless this run spent ``max_attempts`` on it. An
+        attempt that committed before its result was lost (its actor or node died) counts as done: a retry
+        would rewrite the shard again, from a version the commit already superseded."""
+        stats = self.ledger.committed_record(work.key, work.shard, work.attempt) if work.key else None
+        if stats is not None:
+            log.warning("[shard %s] attempt %d committed before it was lost (%s): it counts",
+                        shard_name(work.shard), work.attempt, reason)  # fmt: skip
+            self.done(work, stats)
+            return
         with self.lock:
             tries = work.attempt - self.first_attempt.setdefault(work.shard, work.attempt) + 1
             final = tries >= self.max_attempts
