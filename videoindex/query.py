@@ -3,8 +3,8 @@
 Requires ``OUTPUT/_job.json`` (model, label map) and the ledger; produces pyarrow Tables. Only committed
 shards are visible: file paths are built from the commit markers (one listing of ``_ledger/``) and
 ``layout.table_file`` with the version each commit names, never from listing the table directories, so
-a half-written shard or a rewrite not yet committed is never read. Works on local paths and any fsspec URI (s3://, gs://...) with ``storage_options``;
-DuckDB scans the pyarrow datasets lazily (projection and filter pushdown), so no DuckDB httpfs is needed.
+a half-written shard or a rewrite not yet committed is never read. Works on local paths and any fsspec URI
+(s3://, gs://...) with ``storage_options``; DuckDB scans the pyarrow datasets lazily (projection and filter pushdown), so no DuckDB httpfs is needed.
 
     idx = videoindex.open("s3://bucket/index", {"anon": False})
     idx.search("pushing", min_score=0.5)

@@ -79,8 +79,9 @@ def job_status(
     totals, _ = committed_totals(stats)
     # Rates from this run's commits: an updated index's first commits are from an earlier run, maybe months ago.
     since = float((run or {}).get("started_at") or 0)
-    _, busy = committed_totals(recent := [s for s in stats if float(s.get("started_at", 0)) >= since])
-    rate = sum(int(s.get("clips", 0)) for s in recent) / busy if busy > 0 else None
+    recent = [s for s in stats if float(s.get("started_at", 0)) >= since]
+    recent_totals, busy = committed_totals(recent)
+    rate = recent_totals["clips"] / busy if busy > 0 else None
     shard_rate = len(recent) / busy if busy > 0 else None
     remaining = total - counts["committed"]
     job = _job_state(run, now)

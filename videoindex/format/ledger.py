@@ -12,7 +12,8 @@ before it wrote. The commit event (holding the shard's stats) is written after a
 files and names their version, so a reader that trusts only committed shards never sees a half-written
 one, and a rewrite (new files beside the committed ones) is seen whole or not at all; log events are the
 source of truth. ``uncommitted`` events come from outputs of versions that rewrote files in place: they
-withdrew the commit until a later attempt committed, and are still read that way. A checkpoint holds each shard's state after its finished attempts, and its ``position``
+withdrew the commit until a later attempt committed, and are still read that way. A checkpoint holds each
+shard's state after its finished attempts (and the numbers of its stats as columns), and its ``position``
 is the key of the first attempt still unfinished when it was written: a reader takes the latest
 checkpoint and lists only the log entries after its position (S3: one request per 1,000 names), so
 status, query and resume cost a bounded number of requests however many shards the job has. A missing or
@@ -196,8 +197,9 @@ class LedgerView:
         return self.last_key + "~" if self.last_key else ""  # "~" sorts after the key's own events
 
 
-CHECKPOINT_COLUMNS = ("shard", "committed", "final_failure", "attempts", "failed_attempts", "last_failure",
-                      "stats", "applied_key", *COUNT_KEYS)  # fmt: skip
+# A checkpoint's columns: these, then COUNT_KEYS.
+STATE_COLUMNS = ("shard", "committed", "final_failure", "attempts", "failed_attempts", "last_failure", "stats",
+                 "applied_key")  # fmt: skip
 
 
 def _checkpoint_bytes(view: LedgerView) -> bytes:
@@ -233,10 +235,10 @@ def _view_from_checkpoint(data: bytes, position: str) -> LedgerView:
     import pyarrow.parquet as pq
 
     table = pq.read_table(io.BytesIO(data))
-    columns = {name: table[name].to_pylist() for name in CHECKPOINT_COLUMNS[:8]}
-    counts = list(COUNT_KEYS)  # a checkpoint without every count column: counts come from the stats
-    complete = all(key in table.column_names for key in counts)
-    count_rows = zip(*(table[key].to_pylist() for key in counts), strict=True) if complete else None
+    columns = {name: table[name].to_pylist() for name in STATE_COLUMNS}
+    # A checkpoint without every count column (written before them): counts come from the stats.
+    complete = all(key in table.column_names for key in COUNT_KEYS)
+    count_rows = zip(*(table[key].to_pylist() for key in COUNT_KEYS), strict=True) if complete else None
     view = LedgerView(position=position, last_key=position.rstrip("~"))
     for n, shard in enumerate(columns["shard"]):
         state = ShardState(int(shard), bool(columns["committed"][n]), bool(columns["final_failure"][n]),
@@ -246,7 +248,7 @@ def _view_from_checkpoint(data: bytes, position: str) -> LedgerView:
         if count_rows is not None:
             values = next(count_rows)
             if state._stats_json is not None:
-                state._counts = {k: v for k, v in zip(counts, values, strict=True) if v is not None}
+                state._counts = {k: v for k, v in zip(COUNT_KEYS, values, strict=True) if v is not None}
         view.shards[state.shard] = state
     return view
 

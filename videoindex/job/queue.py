@@ -46,8 +46,8 @@ class ShardQueue:
             committed_version: int | None = None) -> None:  # fmt: skip
         """Queue an attempt; ``committed_version`` is the version of the shard's committed files, if any."""
         videos = tuple(shard_tasks(self.rows(shard)))
-        work = ShardWork(shard, attempt, videos, video_ids, replaces=committed_version is not None,
-                         committed_version=committed_version or 0, generation=self.generation)  # fmt: skip
+        work = ShardWork(shard, attempt, videos, video_ids, committed_version=committed_version,
+                         generation=self.generation)  # fmt: skip
         self.pending.append(work)
 
     def __len__(self) -> int:

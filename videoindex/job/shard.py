@@ -47,9 +47,13 @@ class ShardWork:
     videos: tuple[VideoTask, ...]
     video_ids: tuple[str, ...] | None = None  # re-index only these videos of a committed shard
     key: str = ""  # the attempt's place in the ledger's log (format.ledger.attempt_key)
-    replaces: bool = False  # the shard is committed: write a new version of its files, then drop the old
-    committed_version: int = 0  # the version of its committed files (read when only some videos are redone)
+    committed_version: int | None = None  # the version of the shard's committed files; None: not committed
     generation: int = 0  # the plan generation this attempt brings the shard up to (job.update)
+
+    @property
+    def replaces(self) -> bool:
+        """The shard is committed: write a new version of its files, then drop the old."""
+        return self.committed_version is not None
 
 
 @dataclass(frozen=True)
@@ -198,7 +202,7 @@ class ShardIndexer:
     def _index(self, work: ShardWork, started: float) -> dict[str, Any]:
         videos = work.videos
         if work.video_ids is not None:  # ids of videos gone from the input are dropped, not indexed
-            previous = read_shard_tables(self.fs, self.root, work.shard, work.committed_version)
+            previous = read_shard_tables(self.fs, self.root, work.shard, work.committed_version or 0)
             wanted = set(work.video_ids)
             videos = tuple(v for v in videos if v.video_id in wanted)
         log.info("[shard %s] attempt %d: %d videos", shard_name(work.shard), work.attempt, len(videos))
