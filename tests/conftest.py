@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,16 @@ SAMPLES = REPO / "videoindex" / "samples"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The whole run's limit, far above its length and below CI's 90 minutes: a hang outside any test's own
+# timeout (a session fixture's teardown, a process that never exits) ends the run with every thread's stack
+# on stderr instead of running silently into CI's limit.
+SUITE_WATCHDOG_S = float(os.environ.get("VIDEOINDEX_TEST_WATCHDOG_S", 45 * 60))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # fd 2 is the terminal here (pytest suspends its capture before configure); a dup outlives capture.
+    faulthandler.dump_traceback_later(SUITE_WATCHDOG_S, exit=True, file=os.dup(2))
 
 
 @pytest.fixture(scope="session")
