@@ -358,8 +358,9 @@ def _requests(proxy: FlakyProxy, argv: list[str]) -> int:
 
 
 def test_bookkeeping_requests_do_not_grow_with_the_shards(s3, tiny_model_dir, tmp_path, capsys):
-    """Jobs of 6 and of 24 one-video shards on S3: status, query summary and a resume with nothing to do
-    send the same number of requests for both (at most 40), counted at a proxy in front of the server."""
+    """Jobs of 6 and of 24 one-video shards on S3: status, query summary, a resume with nothing to do and,
+    once compacted, a scan of the videos table send the same number of requests for both (at most 40),
+    counted at a proxy in front of the server."""
     from tests.videogen import write_index_video
 
     video = write_index_video(tmp_path / "v.mp4", frames=3)
@@ -382,6 +383,11 @@ def test_bookkeeping_requests_do_not_grow_with_the_shards(s3, tiny_model_dir, tm
                 "query summary": _requests(proxy, ["query", output, "summary", *flags]),
                 "resume": _requests(proxy, ["resume", output, "--no-progress", *flags]),
             }
+            # a read of the videos table opens one file per shard until the index is compacted
+            count_videos = ["query", output, "sql", "SELECT count(*) FROM videos", *flags]
+            assert _requests(proxy, count_videos) >= shards
+            assert _requests(proxy, ["compact", output, *flags]) > 0
+            counts[shards]["query videos, compacted"] = _requests(proxy, count_videos)
         capsys.readouterr()
     print(counts)
     assert counts[6] == counts[24], counts

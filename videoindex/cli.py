@@ -1,4 +1,4 @@
-"""The `videoindex` command: run, demo, status, resume, query, report, submit.
+"""The `videoindex` command: run, demo, status, resume, compact, query, report, submit.
 
 Exit codes (every subcommand):
   0  job finished, every video indexed
@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   videoindex run manifest.csv out/ --sampling ssv2 --config job.yaml
   videoindex status out/
   videoindex resume out/ --retry-failed
+  videoindex compact out/                           # few large videos/errors files (jobs do it at their end)
   videoindex query out/ summary
   videoindex report out/ --out report.html
 """
@@ -162,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--address", help="Ray dashboard address, for a submission id")
     status.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    compact = sub.add_parser(
+        "compact", help="copy the videos and errors rows of committed shards into a few large files"
+    )
+    compact.add_argument("output")
+    compact.add_argument("--min-shards", type=int, default=1, metavar="N",
+                         help="do nothing while fewer than N committed shards are not compacted yet (default 1)")  # fmt: skip
+    compact.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
 
     resume = sub.add_parser(
         "resume", help="finish the unfinished shards of a job; optionally retry failed videos"
@@ -305,6 +314,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    from videoindex import storage
+    from videoindex.format.compaction import compact
+    from videoindex.format.layout import JOB_FILE
+
+    if args.min_shards < 1:
+        raise ConfigError("--min-shards must be >= 1")
+    fs, root = storage.filesystem(args.output, parse_storage_options(args.storage_option))
+    if not storage.exists(fs, storage.join(root, JOB_FILE)):
+        raise FileNotFoundError(f"{args.output} has no {JOB_FILE}: not a videoindex output")
+    result = compact(fs, root, min_shards=args.min_shards)
+    if result.seq is None:
+        print(
+            f"nothing to compact: {result.shards_pending} committed shards not compacted (--min-shards {args.min_shards})"
+        )
+    else:
+        print(f"compacted {result.shards_pending} shards into {result.files_written} files (manifest "
+              f"{result.seq}); {result.files_deleted} superseded files deleted")  # fmt: skip
+    return 0
+
+
 def _looks_like_output(target: str) -> bool:
     """An OUTPUT is a URI or an existing path; anything else is taken as a Ray job submission id."""
     import os
@@ -328,7 +358,13 @@ def _plugin_handler(command: str) -> Any:
     raise SystemExit(f"videoindex: unknown command {command}")
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "status": cmd_status, "resume": cmd_resume}
+COMMANDS = {
+    "run": cmd_run,
+    "demo": cmd_demo,
+    "status": cmd_status,
+    "resume": cmd_resume,
+    "compact": cmd_compact,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,6 +101,9 @@ class OutputConfig:
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     clips_row_group_size: int = 8192
     thumbnails: bool = False  # store one small JPEG per clip (middle frame) in the clips table
+    # At a job's end, copy the videos and errors rows of committed shards into a few large files
+    # (format/compaction.py) once this many shards are not compacted yet; 0: never (`videoindex compact`).
+    compact_min_shards: int = 64
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,10 @@ def validate(config: JobConfig) -> None:
         (d.chunk_clips >= 1, "decode.chunk_clips must be >= 1"),
         (config.model.top_k >= 1, "model.top_k must be >= 1"),
         (o.shard_size >= 1, "output.shard_size must be >= 1 video"),
+        (
+            o.compact_min_shards >= 0,
+            "output.compact_min_shards must be >= 0 (0: never compact at a job's end)",
+        ),
         (x.actors is None or x.actors >= 1, "execution.actors must be >= 1"),
         (x.batch_size is None or x.batch_size >= 1, "execution.batch_size must be >= 1"),
         (x.max_attempts >= 1, "execution.max_attempts must be >= 1"),

@@ -3,7 +3,8 @@
 Requires ``OUTPUT/_job.json`` (model, label map) and the ledger; produces pyarrow Tables. Only committed
 shards are visible: file paths are built from the commit markers (one listing of ``_ledger/``) and
 ``layout.table_file`` with the version each commit names, never from listing the table directories, so
-a half-written shard or a rewrite not yet committed is never read. Works on local paths and any fsspec URI
+a half-written shard or a rewrite not yet committed is never read; ``videos`` and ``errors`` come from
+compacted files where those hold every shard's committed version (format/compaction.py). Works on local paths and any fsspec URI
 (s3://, gs://...) with ``storage_options``; DuckDB scans the pyarrow datasets lazily (projection and filter pushdown), so no DuckDB httpfs is needed.
 
     idx = videoindex.open("s3://bucket/index", {"anon": False})
@@ -30,12 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
-from fsspec.implementations.local import LocalFileSystem
 
 from videoindex import storage
 from videoindex.config import ConfigError, parse_storage_options
 from videoindex.format import layout, schemas
+from videoindex.format.compaction import arrow_filesystem, committed_files, read_manifest
 from videoindex.format.errortypes import RETRYABLE_ERROR_TYPES
 from videoindex.format.jobrecord import generation_fields
 from videoindex.format.ledger import Ledger
@@ -100,14 +100,6 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
-    """pyarrow's native local filesystem where we can; any other fsspec filesystem through its handler,
-    so every store fsspec knows (with the caller's storage_options) works without translating options."""
-    if type(fs) is LocalFileSystem:
-        return pafs.LocalFileSystem()
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
 def open_index(
     output: str,
     storage_options: dict[str, Any] | None = None,
@@ -134,7 +126,7 @@ class Index:
         self.fs, self.root, self.uri, self.job = fs, root, uri, job
         self.model: dict[str, Any] = job.get("model", {})
         self.id2label = {int(k): v for k, v in self.model.get("id2label", {}).items()}
-        self._arrow_fs = _arrow_filesystem(fs)
+        self._arrow_fs = arrow_filesystem(fs)
         self._con: duckdb.DuckDBPyConnection | None = None
         self._reading = False  # inside a call that reads again when a rewrite deleted its files
         self.refresh()
@@ -147,6 +139,7 @@ class Index:
         self.ledger = Ledger(self.fs, self.root).view()
         self.versions = self.ledger.committed_versions()
         self.committed = sorted(self.versions)
+        self.manifest = read_manifest(self.fs, self.root)  # compacted videos and errors, if any
         self._datasets: dict[str, ds.Dataset] = {}
         if self._con is not None:
             for table in layout.TABLES:
@@ -177,19 +170,11 @@ class Index:
         return base.append(pa.field("shard", pa.int32()))
 
     def dataset(self, table: str) -> ds.Dataset:
-        """A table over the committed shards' files; ``shard`` comes from each file's partition."""
+        """A table over the committed shards' rows: compacted files where they hold the committed
+        version of every shard in them, each other shard's own file (``shard`` from its partition)."""
         if table not in self._datasets:
-            paths = [
-                storage.join(self.root, layout.table_file(table, s, self.versions[s])) for s in self.committed
-            ]
-            # from_paths: no listing and no per-file stat (one HEAD per file on object stores).
-            self._datasets[table] = ds.FileSystemDataset.from_paths(
-                paths,
-                schema=self._schema(table),
-                format=ds.ParquetFileFormat(),
-                filesystem=self._arrow_fs,
-                partitions=[ds.field("shard") == s for s in self.committed],
-            )
+            files = committed_files(self.fs, self.root, table, self.versions, self.manifest)
+            self._datasets[table] = files.dataset(self._arrow_fs, self._schema(table))
         return self._datasets[table]
 
     def duckdb(self) -> duckdb.DuckDBPyConnection:

@@ -1,19 +1,20 @@
 """What a resume needs from an output alone: the job's config (secrets re-supplied) and the failed videos.
 
-Plain Python over ``_job.json`` and the committed ``videos`` files; the job (job/run.py) queues the result.
+Plain Python over ``_job.json`` and the committed ``videos`` rows (compacted or not); the job (job/run.py) queues the result.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import pyarrow.dataset as pads
+import pyarrow as pa
 
 from videoindex import storage
 from videoindex.config import JobConfig, load_config
+from videoindex.format.compaction import arrow_filesystem, committed_files, read_manifest
 from videoindex.format.errortypes import RETRYABLE_ERROR_TYPES
 from videoindex.format.jobrecord import JOB_FILE, read_job
-from videoindex.format.layout import table_file
+from videoindex.format.schemas import VIDEOS_SCHEMA
 
 
 def failed_videos(
@@ -23,13 +24,8 @@ def failed_videos(
     only, unless all_errors)."""
     if not shards:
         return {}
-    files = [storage.join(root, table_file("videos", s, v)) for s, v in sorted(shards.items())]
-    dataset = pads.dataset(
-        files,
-        filesystem=fs,
-        partitioning=pads.partitioning(flavor="hive"),
-        partition_base_dir=storage.join(root, "videos"),
-    )
+    files = committed_files(fs, root, "videos", shards, read_manifest(fs, root))
+    dataset = files.dataset(arrow_filesystem(fs), VIDEOS_SCHEMA.append(pa.field("shard", pa.int32())))
     rows = dataset.to_table(columns=["video_id", "status", "error_type", "shard"]).to_pylist()
     found: dict[int, list[str]] = {}
     for row in rows:

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from videoindex import storage
 from videoindex.config import JobConfig
+from videoindex.format.compaction import compact
 from videoindex.format.jobrecord import check_compatible, job_record, read_job, refuse_foreign_tables
 from videoindex.format.layout import JOB_FILE
 from videoindex.format.ledger import Heartbeat, Ledger, LedgerView, committed_totals
@@ -137,6 +138,18 @@ def summarize(stats: list[dict[str, Any]]) -> dict[str, Any]:
     return {**totals, "clips_per_s": round(totals["clips"] / busy, 3) if busy > 0 else None}
 
 
+def compact_at_end(config: JobConfig, fs: Any, root: str) -> None:
+    """Compact the small tables once ``output.compact_min_shards`` shards are not yet; a failure costs
+    readers only speed (their per-shard files stay the truth), so it is a warning, not a failed job."""
+    if config.output.compact_min_shards <= 0:
+        return
+    try:
+        compact(fs, root, min_shards=config.output.compact_min_shards)
+    except Exception as exc:
+        log.warning("compaction at the job's end failed (%s); readers use the per-shard files; "
+                    "`videoindex compact %s` tries again", exc, config.output.uri)  # fmt: skip
+
+
 def run_job(
     config: JobConfig,
     *,
@@ -188,6 +201,7 @@ def run_job(
         ledger.write_run(run, {**run_record, "heartbeat_at": time.time(), "finished_at": time.time(),
                                "committed": len(queue.committed), "failed": len(queue.failed)})  # fmt: skip
         queue.checkpoint()  # readers of the finished run take it from here: a bounded number of requests
+        compact_at_end(config, fs, root)
         result.summary["failed_shards"] = dict(queue.failed)
     committed = view.committed() | set(queue.committed)  # what earlier runs committed, and this one
     earlier = [view.state(s).counts for s in sorted(committed - set(queue.committed))]

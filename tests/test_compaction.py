@@ -1,0 +1,158 @@
+"""Compaction (format/compaction.py): the same rows from a few files, through rewrites, crashes and damage."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import SAMPLES
+from tests.helpers import small_job_config, videos_by_name
+from tests.synthetic_index import write_synthetic_index
+from videoindex import storage
+from videoindex.cli import main
+from videoindex.format import compaction
+from videoindex.format.compaction import COMPACTED_DIR, MANIFESTS, compact, read_manifest
+from videoindex.job.run import run_job
+from videoindex.query import open_index
+
+
+def _rows(root: str | Path) -> dict:
+    """Everything a reader answers from the videos and errors tables (not from the ledger's stats)."""
+    with open_index(str(root)) as idx:
+        return {
+            "videos": idx.sql("SELECT * FROM videos ORDER BY video_id").to_pylist(),
+            "errors": idx.sql("SELECT * FROM errors ORDER BY ALL").to_pylist(),
+            "by_shard": idx.sql(
+                "SELECT shard, count(*) AS n FROM videos GROUP BY shard ORDER BY shard"
+            ).to_pylist(),
+        }
+
+
+def _files_read(root: str | Path, table: str) -> list[str]:
+    with open_index(str(root)) as idx:
+        return [Path(f).relative_to(root).as_posix() for f in idx.dataset(table).files]
+
+
+@pytest.fixture()
+def index(tmp_path: Path) -> Path:
+    root = tmp_path / "index"
+    write_synthetic_index(
+        str(root), videos=240, clips_per_video=2, shards=80, error_videos=24, recovered_every=5
+    )
+    return root
+
+
+def test_a_compacted_index_reads_the_same_rows_from_a_few_files(index, monkeypatch, capsys):
+    before = _rows(index)
+    assert len(_files_read(index, "videos")) == 80
+    monkeypatch.setattr(compaction, "SHARDS_PER_FILE", 32)
+    assert main(["compact", str(index), "--min-shards", "100"]) == 0  # 80 uncovered: too few
+    assert "nothing to compact: 80" in capsys.readouterr().out
+    assert main(["compact", str(index)]) == 0
+    assert "compacted 80 shards into 6 files" in capsys.readouterr().out  # 3 files of videos, 3 of errors
+    assert _rows(index) == before
+    read = _files_read(index, "videos")
+    assert len(read) == 3 and all(f.startswith(f"{COMPACTED_DIR}/videos/") for f in read)
+    assert len(_files_read(index, "clips")) == 80  # clips are not compacted
+    manifest = read_manifest(*storage.filesystem(str(index)))
+    holds = [sorted(manifest.files[f]) for f in read]  # whole shards, cut at shard boundaries
+    assert sorted(s for shards in holds for s in shards) == list(range(80))
+    assert [len(shards) for shards in holds] == [32, 32, 16]
+    # the per-shard files' metadata travels along (model tag, label map)
+    meta = pq.read_schema(index / read[0]).metadata
+    assert (
+        meta[b"videoindex.model"]
+        == pq.read_schema(next((index / "videos").rglob("*.parquet"))).metadata[b"videoindex.model"]
+    )
+    assert compact(*storage.filesystem(str(index))).seq is None  # nothing new: nothing written
+    assert main(["compact", str(index / "nope")]) == 2
+
+
+def test_crashes_damage_and_lost_files_leave_the_same_rows(index, monkeypatch, caplog):
+    fs, root = storage.filesystem(str(index))
+    before = _rows(index)
+    real_write = storage.write_bytes
+
+    def die_at_manifest(fs_, path, data):
+        if f"/{MANIFESTS}/" in path:
+            raise OSError("killed before the manifest")
+        real_write(fs_, path, data)
+
+    monkeypatch.setattr(storage, "write_bytes", die_at_manifest)
+    with pytest.raises(OSError, match="killed"):
+        compact(fs, root)
+    monkeypatch.setattr(storage, "write_bytes", real_write)
+    assert len(list((index / COMPACTED_DIR).rglob("*.parquet"))) == 2  # written, never named
+    assert _rows(index) == before and len(_files_read(index, "videos")) == 80
+
+    first = compact(fs, root)
+    assert first.seq == 1 and first.files_deleted == 0  # the orphans have seq 1, not below it
+    assert _rows(index) == before and len(_files_read(index, "videos")) == 1
+
+    # a compacted file lost from storage: readers go back to the shards' own files; compaction heals
+    lost = index / _files_read(index, "errors")[0]
+    lost.unlink()
+    assert _rows(index) == before and len(_files_read(index, "errors")) == 80
+    second = compact(fs, root)
+    assert second.seq == 2 and second.shards_pending == 80 and second.files_written == 1  # errors only
+    assert _rows(index) == before and len(_files_read(index, "errors")) == 1
+    assert second.files_deleted == 2  # the orphans of the killed compaction (seq 1, never named)
+
+    # a damaged newest manifest: a warning, and the one before it answers
+    (index / MANIFESTS / "00000002.parquet").write_bytes(b"PAR1 torn")
+    with caplog.at_level(logging.WARNING, logger="videoindex.format.compaction"):
+        assert _rows(index) == before
+    assert "unreadable" in caplog.text
+    assert len(_files_read(index, "videos")) == 1 and len(_files_read(index, "errors")) == 80
+
+    # a clean-up that dies: only unread files stay behind
+    def die_deleting(self, path):
+        raise OSError("killed while deleting")
+
+    monkeypatch.setattr(type(fs), "rm_file", die_deleting)
+    third = compact(fs, root)
+    assert third.seq == 3 and third.files_deleted == 0
+    assert _rows(index) == before and len(_files_read(index, "errors")) == 1
+
+
+def test_a_retried_video_replaces_its_compacted_row(tiny_model_dir, tmp_path):
+    """A local job that compacts at its end; a video that failed is repaired and retried: readers see its
+    new row (from its shard's own files, the compacted copy being stale), never both, until the next
+    compaction copies it."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy(SAMPLES / "demo.mp4", folder / f"v{i}.mp4")
+    (folder / "v1.mp4").write_bytes(b"this is not a video\n" * 50)
+    output = tmp_path / "out"
+    config = small_job_config(folder, output, tiny_model_dir, **{
+        "output.shard_size": 1, "output.compact_min_shards": 3})  # fmt: skip
+    assert run_job(config).exit_code == 1
+    assert len(_files_read(output, "videos")) == 1  # compacted at the job's end
+    assert videos_by_name(output)["v1.mp4"]["status"] == "error"
+    with open_index(str(output)) as idx:
+        assert idx.sql("SELECT status FROM videos WHERE uri LIKE '%v1.mp4'").column(0).to_pylist() == [
+            "error"
+        ]
+
+    shutil.copy(SAMPLES / "demo.mp4", folder / "v1.mp4")
+    again = config.replace(output=dataclasses.replace(config.output, compact_min_shards=0))
+    assert run_job(again, resume=True, retry_all_errors=True).exit_code == 0
+    read = _files_read(output, "videos")
+    assert len(read) == 3 and not any(f.startswith(COMPACTED_DIR) for f in read)  # the whole file is stale
+    with open_index(str(output)) as idx:
+        statuses = idx.sql("SELECT uri, status FROM videos ORDER BY uri").to_pylist()
+    assert [(Path(r["uri"]).name, r["status"]) for r in statuses] == [
+        ("v0.mp4", "ok"),
+        ("v1.mp4", "ok"),
+        ("v2.mp4", "ok"),
+    ]
+    assert compact(*storage.filesystem(str(output))).seq == 2
+    assert len(_files_read(output, "videos")) == 1
+    with open_index(str(output)) as idx:
+        assert idx.sql("SELECT count(*) FROM videos WHERE status = 'ok'").column(0).to_pylist() == [3]

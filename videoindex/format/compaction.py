@@ -1,0 +1,272 @@
+"""Compaction: the small tables (``videos``, ``errors``) of committed shards copied into a few large files.
+
+Why: a job of 100,000 shards leaves 100,000 tiny files per table, and a reader of ``videos`` pays one
+request per file on object storage. Compaction copies the rows of many shards into one file and names,
+in a manifest, which shard at which committed version each file holds::
+
+    _compacted/{table}/{seq:08d}-{part:04d}-{token}.parquet   rows of up to SHARDS_PER_FILE shards, ``shard`` a column
+    _compacted/manifests/{seq:08d}.parquet                     table, file, shard, version: written last
+
+The per-shard files stay the truth (plain Hive readers of ``videos/`` never see ``_compacted/``). A
+videoindex reader uses a compacted file only while every shard in it is committed at the version it
+copied and the file exists; otherwise it reads those shards' own files. So a retried video replaces its
+row wherever the row lived, and a crash at any point leaves a readable index with the same rows: files
+written before their manifest are never read, and an older manifest stays valid for the shards it names.
+A later compaction copies what is not covered (new shards, rewritten ones) and keeps every file that is
+still good. Clean-up deletes manifests older than the previous one and files that neither of the two
+newest manifests names and whose sequence number is below the new one (a compaction running beside this
+one writes files at a sequence number no lower). ``clips`` are not compacted: a shard's clips file is
+already large, and row groups, not files, bound its readers.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from videoindex import storage
+from videoindex.format import layout, schemas
+from videoindex.format.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+COMPACTED_DIR = "_compacted"
+MANIFESTS = f"{COMPACTED_DIR}/manifests"
+COMPACTED_TABLES = ("videos", "errors")
+SHARDS_PER_FILE = 4096  # one rewritten shard sends readers back to at most this many per-shard files
+MANIFEST_SCHEMA = pa.schema(
+    [("table", pa.string()), ("file", pa.string()), ("shard", pa.int32()), ("version", pa.int32())]
+)
+TABLE_SCHEMAS = {"videos": schemas.VIDEOS_SCHEMA, "errors": schemas.ERRORS_SCHEMA}
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
+    """pyarrow's native local filesystem where we can; any other fsspec filesystem through its handler,
+    so every store fsspec knows (with the caller's storage_options) works without translating options."""
+    if type(fs) is LocalFileSystem:
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The newest readable manifest: its sequence number and, per compacted file, the shards it holds."""
+
+    seq: int
+    files: dict[str, dict[int, int]]  # file (relative to OUTPUT) -> {shard: version copied}
+    tables: dict[str, str]  # file -> table
+
+    def entries(self, files: Iterable[str]) -> list[dict[str, Any]]:
+        return [
+            {"table": self.tables[f], "file": f, "shard": s, "version": v}
+            for f in files
+            for s, v in sorted(self.files[f].items())
+        ]
+
+
+def _seq(name: str) -> int | None:
+    stem = name.split(".", 1)[0].split("-", 1)[0]
+    return int(stem) if stem.isdigit() else None
+
+
+def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
+    """The newest manifest that reads; a damaged one is skipped with a warning (the previous one, or
+    none: every shard's own files, stays correct)."""
+    names = [n for n in storage.list_after(fs, storage.join(root, MANIFESTS)) if n.endswith(".parquet")]
+    for name in sorted(names, key=lambda n: _seq(n) or -1, reverse=True):
+        seq = _seq(name)
+        if seq is None:
+            continue
+        try:
+            with fs.open(storage.join(root, MANIFESTS, name), "rb") as fh:
+                rows = pq.read_table(fh).cast(MANIFEST_SCHEMA).to_pylist()
+        except Exception as exc:  # damaged, truncated, half-copied: never fatal for a reader
+            log.warning("compaction manifest %s is unreadable (%s); reading the one before it", name, exc)
+            continue
+        files: dict[str, dict[int, int]] = {}
+        tables: dict[str, str] = {}
+        for row in rows:
+            files.setdefault(row["file"], {})[row["shard"]] = row["version"]
+            tables[row["file"]] = row["table"]
+        return Manifest(seq, files, tables)
+    return None
+
+
+@dataclass(frozen=True)
+class TableFiles:
+    """Where a table's committed rows are: compacted files standing in for whole groups of shards, and
+    the per-shard files of every other committed shard."""
+
+    compacted: tuple[str, ...]  # paths
+    shards: tuple[tuple[int, str], ...]  # (shard, path)
+
+    def dataset(self, arrow_fs: pafs.FileSystem, schema: pa.Schema) -> ds.Dataset:
+        """One dataset over both; ``shard`` is a column of compacted files and each other file's partition.
+        from_paths: no listing and no per-file stat (one HEAD per file on object stores)."""
+        return ds.FileSystemDataset.from_paths(
+            [*self.compacted, *(path for _, path in self.shards)],
+            schema=schema,
+            format=ds.ParquetFileFormat(),
+            filesystem=arrow_fs,
+            partitions=[ds.scalar(True)] * len(self.compacted)
+            + [ds.field("shard") == s for s, _ in self.shards],
+        )
+
+
+def _good_files(
+    manifest: Manifest | None, table: str, versions: dict[int, int], present: set[str]
+) -> list[str]:
+    """The manifest's files of ``table`` that exist and whose every shard is committed at the version
+    they copied."""
+    if manifest is None:
+        return []
+    return sorted(
+        f
+        for f, shards in manifest.files.items()
+        if manifest.tables[f] == table
+        and f.rsplit("/", 1)[-1] in present
+        and all(versions.get(s) == v for s, v in shards.items())
+    )
+
+
+def _present(fs: fsspec.AbstractFileSystem, root: str, table: str) -> set[str]:
+    return set(storage.list_after(fs, storage.join(root, COMPACTED_DIR, table)))
+
+
+def committed_files(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    table: str,
+    versions: dict[int, int],
+    manifest: Manifest | None,
+) -> TableFiles:
+    """The files a reader reads for ``table`` over the committed shards ({shard: committed version}).
+    ``manifest``: ``read_manifest``'s; with one, a listing of the table's compacted folder checks that its
+    files exist."""
+    good: list[str] = []
+    if manifest is not None and table in COMPACTED_TABLES:
+        good = _good_files(manifest, table, versions, _present(fs, root, table))
+    covered = {s for f in good for s in manifest.files[f]} if good else set()
+    return TableFiles(
+        compacted=tuple(storage.join(root, f) for f in good),
+        shards=tuple(
+            (s, storage.join(root, layout.table_file(table, s, v)))
+            for s, v in sorted(versions.items())
+            if s not in covered
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class CompactionResult:
+    seq: int | None  # the manifest written; None: nothing to do (fewer than min_shards not covered)
+    shards_pending: int  # committed shards not covered by a good compacted file, before this compaction
+    files_written: int
+    files_deleted: int
+
+
+def compact(fs: fsspec.AbstractFileSystem, root: str, *, min_shards: int = 1) -> CompactionResult:
+    """Copy the small tables of committed shards not yet covered into new files, then write the manifest
+    that names them (and every still-good file), then clean up. Does nothing while fewer than
+    ``min_shards`` committed shards are uncovered."""
+    versions = Ledger(fs, root).view().committed_versions()
+    manifest = read_manifest(fs, root)
+    present = {table: _present(fs, root, table) for table in COMPACTED_TABLES}
+    keep = {t: _good_files(manifest, t, versions, present[t]) for t in COMPACTED_TABLES}
+    pending = {
+        t: sorted(set(versions) - {s for f in keep[t] for s in manifest.files[f]})
+        if manifest
+        else sorted(versions)
+        for t in COMPACTED_TABLES
+    }
+    uncovered = len(set().union(*pending.values()))
+    if uncovered == 0 or uncovered < min_shards:
+        return CompactionResult(None, uncovered, 0, 0)
+    manifest_names = storage.list_after(fs, storage.join(root, MANIFESTS))
+    seq = max([_seq(n) or 0 for n in manifest_names] + [manifest.seq if manifest else 0]) + 1
+    arrow_fs = arrow_filesystem(fs)
+    rows = manifest.entries(f for t in COMPACTED_TABLES for f in keep[t]) if manifest else []
+    written = 0
+    for table in COMPACTED_TABLES:
+        for part, start in enumerate(range(0, len(pending[table]), SHARDS_PER_FILE)):
+            shards = pending[table][start : start + SHARDS_PER_FILE]
+            name = f"{COMPACTED_DIR}/{table}/{seq:08d}-{part:04d}-{secrets.token_hex(4)}.parquet"
+            _write_compacted(fs, root, arrow_fs, table, {s: versions[s] for s in shards}, name)
+            rows += [{"table": table, "file": name, "shard": s, "version": versions[s]} for s in shards]
+            written += 1
+    data = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    storage.write_bytes(fs, storage.join(root, MANIFESTS, f"{seq:08d}.parquet"), _parquet(data))
+    log.info("compacted %d shards of %s into %d files (manifest %d)", uncovered, root, written, seq)
+    deleted = _clean_up(fs, root, seq, manifest, data, manifest_names, present)
+    return CompactionResult(seq, uncovered, written, deleted)
+
+
+def _parquet(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def _write_compacted(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    arrow_fs: pafs.FileSystem,
+    table: str,
+    versions: dict[int, int],
+    name: str,
+) -> None:
+    files = TableFiles(
+        (), tuple((s, storage.join(root, layout.table_file(table, s, v))) for s, v in versions.items())
+    )
+    schema = TABLE_SCHEMAS[table].append(pa.field("shard", pa.int32()))
+    rows = files.dataset(arrow_fs, schema).to_table().sort_by("shard")
+    first = files.shards[0][1]
+    with fs.open(first, "rb") as fh:  # the per-shard files' metadata: model tag, label map, schema version
+        metadata = pq.read_schema(fh).metadata
+    storage.write_bytes(fs, storage.join(root, name), _parquet(rows.replace_schema_metadata(metadata)))
+
+
+def _clean_up(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    seq: int,
+    previous: Manifest | None,
+    written: pa.Table,
+    manifest_names: list[str],
+    present: dict[str, set[str]],
+) -> int:
+    """Delete manifests older than the previous one, and compacted files neither the new nor the
+    previous manifest names whose sequence number is below ``seq``. Best effort: what stays is only
+    unread storage until the next compaction."""
+    named = set(written.column("file").to_pylist()) | set(previous.files if previous else ())
+    doomed = [
+        storage.join(root, MANIFESTS, n)
+        for n in manifest_names
+        if (_seq(n) or 0) < (previous.seq if previous else seq) and (_seq(n) or 0) < seq
+    ]
+    for table, names in present.items():
+        doomed += [
+            storage.join(root, COMPACTED_DIR, table, n)
+            for n in names
+            if f"{COMPACTED_DIR}/{table}/{n}" not in named and (_seq(n) or 0) < seq
+        ]
+    deleted = 0
+    for path in doomed:
+        try:
+            fs.rm_file(path)
+            deleted += 1
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            log.warning("compaction clean-up: cannot delete %s (%s); it is left unread", path, exc)
+    return deleted
