@@ -7,8 +7,10 @@ Builds synthetic indexes (tests/synthetic_index.py: real layout, schemas, ledger
 checkpoint, as a finished job leaves them; one video of two clips per shard, 2% failed videos) and times
 each operation once, in this process, on a freshly opened index: ``status``, ``query summary``,
 ``labels``, ``errors``, ``search`` and ``similar`` (these two scan the clips table: run up to
-``--heavy-up-to`` shards), the report, and the bookkeeping of a resume with nothing to do (the ledger
-view, the plan and the queue: everything a real resume does before it would load the model). On moto
+``--heavy-up-to`` shards), the report, the bookkeeping of a resume with nothing to do (the ledger
+view, the plan and the queue: everything a real resume does before it would load the model), a scan of
+the videos table and the failed-video scan of ``resume --retry-failed``; each index as built, then after
+``videoindex compact`` (its own cost in the second row). On moto
 every request is counted at a proxy in front of the server. ``--ledger-only`` times status and a no-op
 resume on the ledger a finished job of that many shards leaves (the states and stats of a 10-shard
 synthetic index repeated into one checkpoint), without writing table files: minutes instead of hours.
@@ -33,8 +35,10 @@ sys.path.insert(0, str(REPO))
 from tests.s3server import FlakyProxy, moto_server, s3_options  # noqa: E402
 from tests.synthetic_index import write_synthetic_index  # noqa: E402
 from videoindex import storage  # noqa: E402
+from videoindex.format.compaction import CompactionResult, compact  # noqa: E402
 from videoindex.format.ledger import Ledger, LedgerView  # noqa: E402
 from videoindex.format.plans import read_plan, write_plan  # noqa: E402
+from videoindex.job.resume import failed_videos  # noqa: E402
 from videoindex.job.run import outdated_videos  # noqa: E402
 from videoindex.query import open_index  # noqa: E402
 from videoindex.report import build_context  # noqa: E402
@@ -63,6 +67,17 @@ def _resume_bookkeeping(uri: str, options: dict[str, Any] | None) -> int:
     return sum(1 for s in range(shards) if s not in committed or s in outdated)  # shards to run
 
 
+def _retry_failed_scan(uri: str, options: dict[str, Any] | None) -> int:
+    """What `resume --retry-failed` reads beyond the no-op: the failed videos of committed shards."""
+    fs, root = storage.filesystem(uri, options)
+    return sum(
+        map(
+            len,
+            failed_videos(fs, root, Ledger(fs, root).view().committed_versions(), all_errors=True).values(),
+        )
+    )
+
+
 def operations(
     uri: str, options: dict[str, Any] | None, info: dict[str, Any]
 ) -> dict[str, Callable[[], Any]]:
@@ -78,6 +93,10 @@ def operations(
             open_index(uri, options), sample_videos=0, neighbours=0, seed=0
         ),
         "resume (no-op)": lambda: _resume_bookkeeping(uri, options),
+        "videos scan": lambda: open_index(uri, options).sql(
+            "SELECT count(*) FROM videos WHERE status = 'error'"
+        ),
+        "retry-failed scan": lambda: _retry_failed_scan(uri, options),
     }
 
 
@@ -88,49 +107,62 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - started, result
 
 
+def _compact(uri: str, options: dict[str, Any] | None) -> CompactionResult:
+    return compact(*storage.filesystem(uri, options))
+
+
 def local(shards: list[int], heavy_up_to: int) -> None:
     names = list(operations("", None, {"video_ids": [""]}))
-    print("Local disk, seconds:\n")
-    print("| shards | build s | " + " | ".join(names) + " |")
+    print("Local disk, seconds (each shard count as built, then after `videoindex compact`):\n")
+    print("| shards | build or compact s | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for n in shards:
         with tempfile.TemporaryDirectory() as tmp:
             uri = str(Path(tmp) / "out")
             built, info = _timed(lambda n=n, uri=uri: _build(uri, n, None))
-            cells = []
-            for name, fn in operations(uri, None, info).items():
-                if name in HEAVY and n > heavy_up_to:
-                    cells.append("not run")
-                    continue
-                seconds, result = _timed(fn)
-                if name == "resume (no-op)":
-                    assert result == 0, result
-                cells.append(f"{seconds:.2f}")
-            print(f"| {n:,} | {built:.0f} | " + " | ".join(cells) + " |", flush=True)
+            for label in ("", " compacted"):
+                if label:
+                    built, _ = _timed(lambda uri=uri: _compact(uri, None))
+                cells = []
+                for name, fn in operations(uri, None, info).items():
+                    if name in HEAVY and n > heavy_up_to:
+                        cells.append("not run")
+                        continue
+                    seconds, result = _timed(fn)
+                    if name == "resume (no-op)":
+                        assert result == 0, result
+                    cells.append(f"{seconds:.2f}")
+                print(f"| {n:,}{label} | {built:.1f} | " + " | ".join(cells) + " |", flush=True)
 
 
 def moto(shards: list[int], heavy_up_to: int) -> None:
     names = list(operations("", None, {"video_ids": [""]}))
-    print("\nmoto S3 (local server), requests (seconds):\n")
-    print("| shards | " + " | ".join(names) + " |")
-    print("|---|" + "---|" * len(names))
+    print("\nmoto S3 (local server), requests (seconds), as built and after `videoindex compact`:\n")
+    print("| shards | compact | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
     with moto_server() as server:
         admin = server.fs()
         admin.mkdir("bench")
         for n in shards:
             uri = f"s3://bench/n{n}"
             info = _build(uri, n, server.options())
-            cells = []
             with FlakyProxy(server.url) as proxy:
                 options = s3_options(proxy.url)
-                for name, fn in operations(uri, options, info).items():
-                    if name in HEAVY and n > heavy_up_to:
-                        cells.append("not run")
-                        continue
-                    before = proxy.requests
-                    seconds, _ = _timed(fn)
-                    cells.append(f"{proxy.requests - before} ({seconds:.1f} s)")
-            print(f"| {n:,} | " + " | ".join(cells) + " |", flush=True)
+                for label in ("", " compacted"):
+                    compacted = ""
+                    if label:
+                        before = proxy.requests
+                        seconds, _ = _timed(lambda uri=uri, options=options: _compact(uri, options))
+                        compacted = f"{proxy.requests - before} ({seconds:.1f} s)"
+                    cells = []
+                    for name, fn in operations(uri, options, info).items():
+                        if name in HEAVY and n > heavy_up_to:
+                            cells.append("not run")
+                            continue
+                        before = proxy.requests
+                        seconds, _ = _timed(fn)
+                        cells.append(f"{proxy.requests - before} ({seconds:.1f} s)")
+                    print(f"| {n:,}{label} | {compacted} | " + " | ".join(cells) + " |", flush=True)
 
 
 def _ledger_only(uri: str, shards: int) -> None:
