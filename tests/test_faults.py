@@ -68,9 +68,12 @@ def input_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def clean(cluster, input_dir, tiny_model_dir_module, tmp_path_factory) -> dict[str, str]:
+def clean(input_dir, tiny_model_dir_module, tmp_path_factory) -> dict[str, str]:
+    """The reference tables, from the local executor: both executors write the same bytes for the same
+    settings (tests/test_ray_executor.py), and it costs no Ray job."""
     output = tmp_path_factory.mktemp("clean") / "out"
-    assert run_job(_config(input_dir, output, tiny_model_dir_module)).exit_code == 0
+    config = _config(input_dir, output, tiny_model_dir_module, **{"execution.executor": "local"})
+    assert run_job(config).exit_code == 0
     hashes = table_hashes(output)
     assert len(hashes) == 3 * VIDEOS
     return hashes

@@ -217,7 +217,7 @@ def test_update_killed_at_either_point_is_finished_by_resume(tiny_model_dir, tmp
         _video(folder / f"v{i}.mp4", 20 + 2 * i, mtime=1_700_000_000)
     assert run_job(_config(folder, output, tiny_model_dir)).exit_code == 0
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    resume = [sys.executable, "-m", "videoindex.cli", "resume", str(output), "--no-progress"]
+    resume = ["resume", str(output), "--no-progress"]  # the CLI in this process: no interpreter to start
 
     _video(folder / "v1.mp4", 31, mtime=1_800_000_000)  # 1. killed before the plan was named
     (folder / "v3.mp4").unlink()
@@ -225,7 +225,7 @@ def test_update_killed_at_either_point_is_finished_by_resume(tiny_model_dir, tmp
     fs, root = storage.filesystem(str(output))
     listed = listing_table(list_inputs(InputConfig(uri=str(folder))))
     write_plan(fs, root, diff_plan(read_plan(fs, root), listed, 2, 1).plan, 2, plan_file(1))
-    assert subprocess.run(resume, cwd=REPO, env=env).returncode == 0
+    assert main(resume) == 0
     record = read_job(fs, root)
     assert [(g["generation"], g.get("new"), g.get("changed"), g.get("deleted")) for g in record["generations"]] == [
         (0, None, None, None), (1, 1, 1, 1)]  # fmt: skip
@@ -255,7 +255,7 @@ def test_update_killed_at_either_point_is_finished_by_resume(tiny_model_dir, tmp
         status["shards"]["committed"] < status["shards"]["total"] and status["shards"]["pending_update"] >= 1
     )
     assert status["job"]["continue_with"] == f"videoindex resume {output}"
-    assert subprocess.run(resume, cwd=REPO, env=env).returncode == 0
+    assert main(resume) == 0
     assert run_job(_config(folder, tmp_path / "fresh2", tiny_model_dir)).exit_code == 0
     _assert_same_rows(_rows(output), _rows(tmp_path / "fresh2"))
     assert [g["generation"] for g in read_job(fs, root)["generations"]] == [0, 1, 2]
