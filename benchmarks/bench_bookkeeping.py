@@ -11,8 +11,8 @@ each operation once, in this process, on a freshly opened index: ``status``, ``q
 view, the plan and the queue: everything a real resume does before it would load the model), a scan of
 the videos table and the failed-video scan of ``resume --retry-failed``; each index as built, then after
 ``videoindex compact`` (its own cost in the second row). On moto
-every request is counted at a proxy in front of the server. ``--ledger-only`` times status and a no-op
-resume on the ledger a finished job of that many shards leaves (the states and stats of a 10-shard
+every request is counted at a proxy in front of the server. ``--ledger-only`` times status, query summary
+and a no-op resume on the ledger a finished job of that many shards leaves (the states and stats of a 10-shard
 synthetic index repeated into one checkpoint), without writing table files: minutes instead of hours.
 """
 
@@ -186,17 +186,19 @@ def _ledger_only(uri: str, shards: int) -> None:
 
 def ledger_only(shards: list[int]) -> None:
     print("\nLedger only (local disk), seconds:\n")
-    print("| shards | build s | status | resume (no-op) |")
-    print("|---|---|---|---|")
+    print("| shards | build s | status | query summary | resume (no-op) |")
+    print("|---|---|---|---|---|")
     for n in shards:
         with tempfile.TemporaryDirectory() as tmp:
             uri = str(Path(tmp) / "out")
             built, _ = _timed(lambda n=n, uri=uri: _ledger_only(uri, n))
             status_s, status = _timed(lambda uri=uri: job_status(uri))
             assert status["shards"]["committed"] == n, status["shards"]
+            summary_s, summary = _timed(lambda uri=uri: open_index(uri).summary().to_pylist()[0])
+            assert summary["shards_committed"] == n and summary["labels_seen"] > 0, summary
             resume_s, to_run = _timed(lambda uri=uri: _resume_bookkeeping(uri, None))
             assert to_run == 0, to_run
-            print(f"| {n:,} | {built:.0f} | {status_s:.2f} | {resume_s:.2f} |", flush=True)
+            print(f"| {n:,} | {built:.0f} | {status_s:.2f} | {summary_s:.2f} | {resume_s:.2f} |", flush=True)
 
 
 def main() -> None:

@@ -363,8 +363,9 @@ def test_readers_load_no_decoder_no_torch_no_ray(built) -> None:
 
 
 def test_answers_from_shard_stats_equal_answers_from_the_tables(tmp_path: Path) -> None:
-    """summary, labels and errors come from the ledger's shard stats; an index whose stats hold only counts
-    (written by videoindex 0.1) is answered from the tables, with the same result."""
+    """summary, labels and errors come from the ledger's shard stats (the summary from the checkpoint's
+    count and label-mask columns alone); an index whose stats hold only counts (written by videoindex 0.1)
+    is answered from the tables, with the same result."""
     from videoindex.report import _errors as report_error_sections
 
     answers, report_errors = [], []
@@ -380,6 +381,9 @@ def test_answers_from_shard_stats_equal_answers_from_the_tables(tmp_path: Path) 
         )
         with open_index(str(root)) as index:
             assert (index._summary_from_stats() is None) is counts_only
+            if not counts_only:  # the summary came from the checkpoint's columns: no stats JSON parsed
+                states = [st for st in index.ledger.shards.values() if st.status == "committed"]
+                assert states and all(st._stats_json is not None for st in states)
             answers.append([index.summary(), index.labels("clip", 5), index.labels("video"), index.errors()])
             report_errors.append(report_error_sections(index))
     assert report_errors[0] == report_errors[1]  # the report's error sections too

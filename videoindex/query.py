@@ -214,13 +214,18 @@ class Index:
         return stats
 
     def _summary_from_stats(self) -> dict[str, Any] | None:
-        stats = self.shard_stats("clip_labels")
-        if stats is None:
+        """The summary's numbers from the ledger alone: the checkpoint's count and label-mask columns (no
+        stats JSON parsed); None when a committed shard's stats lack them (read the tables instead)."""
+        labels_seen = self.ledger.labels_seen()
+        counts = self.ledger.committed_counts()
+        if labels_seen is None or len(counts) != len(self.committed):
             return None
-        seen = {label for s in stats for label in s["clip_labels"]}
-        return {"videos": sum(s["videos"] for s in stats), "videos_ok": sum(s["videos_ok"] for s in stats),
-                "videos_error": sum(s["videos_error"] for s in stats), "clips": sum(s["clips"] for s in stats),
-                "hours": sum(s["duration_s_ok"] for s in stats) / 3600.0, "labels_seen": len(seen)}  # fmt: skip
+        total = {
+            key: int(sum(c.get(key, 0) for c in counts))
+            for key in ("videos", "videos_ok", "videos_error", "clips")
+        }
+        hours = sum(c.get("duration_s_ok", 0.0) for c in counts) / 3600.0
+        return {**total, "hours": hours, "labels_seen": labels_seen}
 
     @read_again_if_rewritten
     def summary(self) -> pa.Table:

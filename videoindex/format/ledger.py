@@ -76,6 +76,7 @@ class ShardState:
     _stats: dict[str, Any] | None = field(default=None, repr=False)
     _stats_json: str | None = field(default=None, repr=False)  # from a checkpoint: parsed when asked for
     _counts: dict[str, float] | None = field(default=None, repr=False)
+    _labels: int | None = field(default=None, repr=False)  # from a checkpoint: see ``clip_labels_mask``
 
     @property
     def stats(self) -> dict[str, Any] | None:
@@ -86,7 +87,7 @@ class ShardState:
 
     @stats.setter
     def stats(self, value: dict[str, Any] | None) -> None:
-        self._stats, self._stats_json, self._counts = value, None, None
+        self._stats, self._stats_json, self._counts, self._labels = value, None, None, None
 
     @property
     def counts(self) -> dict[str, float]:
@@ -95,6 +96,16 @@ class ShardState:
             stats = self.stats or {}
             self._counts = {key: stats[key] for key in COUNT_KEYS if stats.get(key) is not None}
         return self._counts
+
+    @property
+    def clip_labels_mask(self) -> int | None:
+        """The clip labels the committed shard holds, as a bit mask (bit i: label id i); None when its
+        stats have no label histogram (written by videoindex < 0.2). A checkpoint keeps it as a column,
+        so the labels an index has seen are an OR over shards instead of parsing every stats JSON."""
+        if self._labels is None:
+            labels = (self.stats or {}).get("clip_labels")
+            self._labels = None if labels is None else sum(1 << int(k) for k in set(labels))
+        return self._labels
 
     @property
     def version(self) -> int:
@@ -158,6 +169,17 @@ class LedgerView:
     def committed_stats(self) -> list[dict[str, Any]]:
         return [st.stats for st in self.shards.values() if st.status == "committed" and st.stats is not None]
 
+    def labels_seen(self) -> int | None:
+        """How many distinct clip labels the committed shards hold; None if a shard's stats cannot say."""
+        seen = 0
+        for st in self.shards.values():
+            if st.status == "committed":
+                mask = st.clip_labels_mask
+                if mask is None:
+                    return None
+                seen |= mask
+        return seen.bit_count()
+
     def committed_counts(self) -> list[dict[str, float]]:
         """Each committed shard's COUNT_KEYS: what totals and rates need, cheap at any shard count."""
         return [st.counts for st in self.shards.values() if st.status == "committed" and st.counts]
@@ -197,7 +219,7 @@ class LedgerView:
         return self.last_key + "~" if self.last_key else ""  # "~" sorts after the key's own events
 
 
-# A checkpoint's columns: these, then COUNT_KEYS.
+# A checkpoint's columns: these, then COUNT_KEYS, then clip_labels_mask (ShardState.clip_labels_mask).
 STATE_COLUMNS = ("shard", "committed", "final_failure", "attempts", "failed_attempts", "last_failure", "stats",
                  "applied_key")  # fmt: skip
 
@@ -217,10 +239,16 @@ def _checkpoint_bytes(view: LedgerView) -> bytes:
         "stats": pa.array([_stats_text(s) for s in states], pa.string()),
         "applied_key": [s.applied_key for s in states],
         **{key: pa.array([s.counts.get(key) for s in states], pa.float64()) for key in COUNT_KEYS},
+        "clip_labels_mask": pa.array([_mask_bytes(s) for s in states], pa.binary()),
     })  # fmt: skip
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
+
+
+def _mask_bytes(state: ShardState) -> bytes | None:
+    mask = state.clip_labels_mask if state._labels is not None or state.stats is not None else None
+    return None if mask is None else mask.to_bytes(max(1, (mask.bit_length() + 7) // 8), "little")
 
 
 def _stats_text(state: ShardState) -> str | None:
@@ -239,6 +267,7 @@ def _view_from_checkpoint(data: bytes, position: str) -> LedgerView:
     # A checkpoint without every count column (written before them): counts come from the stats.
     complete = all(key in table.column_names for key in COUNT_KEYS)
     count_rows = zip(*(table[key].to_pylist() for key in COUNT_KEYS), strict=True) if complete else None
+    masks = table["clip_labels_mask"].to_pylist() if "clip_labels_mask" in table.column_names else None
     view = LedgerView(position=position, last_key=position.rstrip("~"))
     for n, shard in enumerate(columns["shard"]):
         state = ShardState(int(shard), bool(columns["committed"][n]), bool(columns["final_failure"][n]),
@@ -249,6 +278,8 @@ def _view_from_checkpoint(data: bytes, position: str) -> LedgerView:
             values = next(count_rows)
             if state._stats_json is not None:
                 state._counts = {k: v for k, v in zip(COUNT_KEYS, values, strict=True) if v is not None}
+        if masks is not None and masks[n] is not None and state._stats_json is not None:
+            state._labels = int.from_bytes(masks[n], "little")
         view.shards[state.shard] = state
     return view
 
