@@ -12,11 +12,12 @@ import pytest
 
 from tests.conftest import SAMPLES
 from tests.helpers import small_job_config, videos_by_name
-from tests.synthetic_index import write_synthetic_index
+from tests.synthetic_index import RUN, write_synthetic_index
 from videoindex import storage
 from videoindex.cli import main
 from videoindex.format import compaction
 from videoindex.format.compaction import COMPACTED_DIR, MANIFESTS, compact, read_manifest
+from videoindex.format.ledger import Ledger, attempt_key
 from videoindex.job.run import run_job
 from videoindex.query import open_index
 
@@ -54,7 +55,7 @@ def test_a_compacted_index_reads_the_same_rows_from_a_few_files(index, monkeypat
     assert main(["compact", str(index), "--min-shards", "100"]) == 0  # 80 uncovered: too few
     assert "nothing to compact: 80" in capsys.readouterr().out
     assert main(["compact", str(index)]) == 0
-    assert "compacted 80 shards into 6 files" in capsys.readouterr().out  # 3 files of videos, 3 of errors
+    assert "compacted 80 shards into 9 files" in capsys.readouterr().out  # 3 of videos, errors, label bounds
     assert _rows(index) == before
     read = _files_read(index, "videos")
     assert len(read) == 3 and all(f.startswith(f"{COMPACTED_DIR}/videos/") for f in read)
@@ -87,7 +88,7 @@ def test_crashes_damage_and_lost_files_leave_the_same_rows(index, monkeypatch, c
     with pytest.raises(OSError, match="killed"):
         compact(fs, root)
     monkeypatch.setattr(storage, "write_bytes", real_write)
-    assert len(list((index / COMPACTED_DIR).rglob("*.parquet"))) == 2  # written, never named
+    assert len(list((index / COMPACTED_DIR).rglob("*.parquet"))) == 3  # written, never named
     assert _rows(index) == before and len(_files_read(index, "videos")) == 80
 
     first = compact(fs, root)
@@ -101,7 +102,7 @@ def test_crashes_damage_and_lost_files_leave_the_same_rows(index, monkeypatch, c
     second = compact(fs, root)
     assert second.seq == 2 and second.shards_pending == 80 and second.files_written == 1  # errors only
     assert _rows(index) == before and len(_files_read(index, "errors")) == 1
-    assert second.files_deleted == 2  # the orphans of the killed compaction (seq 1, never named)
+    assert second.files_deleted == 3  # the orphans of the killed compaction (seq 1, never named)
 
     # a damaged newest manifest: a warning, and the one before it answers
     (index / MANIFESTS / "00000002.parquet").write_bytes(b"PAR1 torn")
@@ -156,3 +157,53 @@ def test_a_retried_video_replaces_its_compacted_row(tiny_model_dir, tmp_path):
     assert len(_files_read(output, "videos")) == 1
     with open_index(str(output)) as idx:
         assert idx.sql("SELECT count(*) FROM videos WHERE status = 'ok'").column(0).to_pylist() == [3]
+
+
+def _search_by_scan(root: Path, names: list[str], min_score: float, limit: int) -> list[dict]:
+    """The answer by definition: every committed clip, in DuckDB."""
+    marks = ", ".join(f"'{n}'" for n in names)
+    with open_index(str(root)) as idx:
+        return idx.sql(
+            f"SELECT uri, video_id, clip_index, start_s, end_s, label, score FROM clips WHERE label IN ({marks}) "
+            f"AND score >= {min_score} ORDER BY score DESC, video_id, clip_index LIMIT {limit}"
+        ).to_pylist()
+
+
+def test_a_label_search_on_a_compacted_index_reads_few_shards_for_the_same_answer(tmp_path):
+    root = tmp_path / "index"
+    info = write_synthetic_index(
+        str(root), videos=400, clips_per_video=3, shards=200, uncommitted_shards=(7,)
+    )
+    fs, path = storage.filesystem(str(root))
+    assert compact(fs, path).seq == 1
+    # shard 7 commits after the compaction: no bounds cover it, so every search reads it
+    Ledger(fs, path).event(attempt_key(RUN, 1000), 7, 1, "committed", {"shard": 7, "attempt": 1})
+    names = sorted(set(info["id2label"].values()))
+    with open_index(str(root)) as idx:
+        some = idx.sql(
+            "SELECT label, max(score) AS best FROM clips GROUP BY label ORDER BY best DESC"
+        ).to_pylist()
+        late = idx.sql("SELECT label FROM clips WHERE shard = 7 LIMIT 1").column(0)[0].as_py()
+
+    def containing(text: str) -> list[str]:
+        return [n for n in names if text.lower() in n.lower()]
+
+    queries = [  # (search text, the labels it matches, min_score, limit)
+        (some[0]["label"], [some[0]["label"]], 0.0, 5),  # the label with the best clip of all
+        (some[-1]["label"], [some[-1]["label"]], 0.0, 100),
+        ("Pushing", containing("Pushing"), 0.0, 10),  # several labels
+        ("a", containing("a"), 0.0, 60),  # most clips match: the best 60 need several rounds of shards
+        (some[0]["label"], [some[0]["label"]], some[0]["best"], 3),  # only the very best clip qualifies
+        (some[0]["label"], [some[0]["label"]], some[0]["best"] + 0.01, 3),  # nothing qualifies
+        (late, [late], 0.0, 1000),  # every clip of a label shard 7 holds
+    ]
+    for text, labels, min_score, limit in queries:
+        with open_index(str(root)) as idx:
+            found = idx.search(text, min_score=min_score, limit=limit)
+            read = idx.search_shards_read
+        assert found.to_pylist() == _search_by_scan(root, labels, min_score, limit), (text, min_score, limit)
+        assert 1 <= read <= 1 + 16 + 32 + 64, (text, min_score, limit, read)  # of 200 shards
+    with open_index(str(root)) as idx:  # before any compaction, every shard is read
+        idx.manifest = None
+        idx.search(some[0]["label"], limit=5)
+        assert idx.search_shards_read == 200

@@ -35,7 +35,7 @@ import pyarrow.dataset as ds
 from videoindex import storage
 from videoindex.config import ConfigError, parse_storage_options
 from videoindex.format import layout, schemas
-from videoindex.format.compaction import arrow_filesystem, committed_files, read_manifest
+from videoindex.format.compaction import arrow_filesystem, committed_files, label_bounds, read_manifest
 from videoindex.format.errortypes import RETRYABLE_ERROR_TYPES
 from videoindex.format.jobrecord import generation_fields
 from videoindex.format.ledger import Ledger
@@ -46,6 +46,7 @@ JOB_FILE = "_job.json"
 FORMATS = ("table", "csv", "json", "parquet")
 TERMINAL_ROWS = 100  # rows shown by --format table; the file formats write every row
 CLIP_COLUMNS = ["uri", "video_id", "clip_index", "start_s", "end_s", "label", "score"]
+SEARCH_FIRST_SHARDS = 16  # a bounded label search reads this many shards first, then twice as many each round
 
 
 class QueryError(ValueError):
@@ -129,6 +130,7 @@ class Index:
         self._arrow_fs = arrow_filesystem(fs)
         self._con: duckdb.DuckDBPyConnection | None = None
         self._reading = False  # inside a call that reads again when a rewrite deleted its files
+        self.search_shards_read = 0  # clips files label searches opened (tests and benchmarks watch it)
         self.refresh()
         log.info("opened %s: %d committed shards", uri, len(self.committed))
 
@@ -292,14 +294,55 @@ class Index:
 
     @read_again_if_rewritten
     def search(self, label: str, min_score: float = 0.0, limit: int = 100) -> pa.Table:
-        """Clips whose label contains `label`, best score first."""
+        """Clips whose label contains `label`, best score first.
+
+        On a compacted index the clip-label bounds (each shard's best score per label) order the shards:
+        they are read best bound first, in growing batches, until the ``limit``-th best clip found beats
+        the next shard's bound, so a search reads a few shards' clips files, not every shard's. Shards the
+        bounds do not cover (committed since the last compaction) are always read."""
         names = self.matching_labels(label)
-        marks = ", ".join("?" * len(names))
-        return self._query(
-            f"SELECT {', '.join(CLIP_COLUMNS)} FROM clips WHERE label IN ({marks}) AND score >= ? "
-            f"ORDER BY score DESC, video_id, clip_index LIMIT {_positive(limit, 'limit')}",
-            [*names, float(min_score)],
+        limit = _positive(limit, "limit")
+        wanted = set(names)
+        ids = [i for i, name in self.id2label.items() if name in wanted]
+        bounds, covered = (
+            label_bounds(self.fs, self.root, self.versions, self.manifest, ids) if ids else ({}, set())
         )
+        if not covered:
+            self.search_shards_read += len(self.committed)
+            marks = ", ".join("?" * len(names))
+            return self._query(
+                f"SELECT {', '.join(CLIP_COLUMNS)} FROM clips WHERE label IN ({marks}) AND score >= ? "
+                f"ORDER BY score DESC, video_id, clip_index LIMIT {limit}",
+                [*names, float(min_score)],
+            )
+        ranked = sorted((s for s, b in bounds.items() if b >= min_score), key=lambda s: (-bounds[s], s))
+        batch, size, start = [s for s in self.committed if s not in covered], SEARCH_FIRST_SHARDS, 0
+        found = None
+        while True:
+            batch += ranked[start : start + size]
+            start, size = start + size, size * 2
+            found = self._best_clips(batch, names, float(min_score), limit, found)
+            batch = []
+            if start >= len(ranked):
+                break
+            if found.num_rows == limit and found["score"][-1].as_py() > bounds[ranked[start]]:
+                break
+        return found
+
+    def _best_clips(
+        self, shards: list[int], names: list[str], min_score: float, limit: int, best: pa.Table | None
+    ) -> pa.Table:
+        """The ``limit`` best clips of ``names`` among ``best`` and the clips files of ``shards``."""
+        self.search_shards_read += len(shards)
+        files = committed_files(self.fs, self.root, "clips", {s: self.versions[s] for s in shards}, None)
+        where = pc.field("label").isin(names) & (pc.field("score") >= min_score)
+        table = files.dataset(self._arrow_fs, self._schema("clips")).to_table(
+            columns=CLIP_COLUMNS, filter=where
+        )
+        if best is not None:
+            table = pa.concat_tables([best, table])
+        order = [("score", "descending"), ("video_id", "ascending"), ("clip_index", "ascending")]
+        return table.sort_by(order).slice(0, limit)
 
     def _resolve_video(self, ref: str) -> dict[str, Any]:
         """The videos row of a video_id or uri (a local path is also tried as file:// URI)."""

@@ -5,7 +5,11 @@ request per file on object storage. Compaction copies the rows of many shards in
 in a manifest, which shard at which committed version each file holds::
 
     _compacted/{table}/{seq:08d}-{part:04d}-{token}.parquet   rows of up to SHARDS_PER_FILE shards, ``shard`` a column
+    _compacted/clip_label_bounds/...parquet                    per shard and clip label: the best clip score
     _compacted/manifests/{seq:08d}.parquet                     table, file, shard, version: written last
+
+The label bounds are derived from the clips (two columns of each clips file read once): a label search
+reads shards best bound first and stops when no unread shard can beat what it found (query.Index.search).
 
 The per-shard files stay the truth (plain Hive readers of ``videos/`` never see ``_compacted/``). A
 videoindex reader uses a compacted file only while every shard in it is committed at the version it
@@ -16,7 +20,7 @@ A later compaction copies what is not covered (new shards, rewritten ones) and k
 still good. Clean-up deletes manifests older than the previous one and files that neither of the two
 newest manifests names and whose sequence number is below the new one (a compaction running beside this
 one writes files at a sequence number no lower). ``clips`` are not compacted: a shard's clips file is
-already large, and row groups, not files, bound its readers.
+already large; the bounds let a label search skip most of them.
 """
 
 from __future__ import annotations
@@ -42,12 +46,16 @@ log = logging.getLogger(__name__)
 
 COMPACTED_DIR = "_compacted"
 MANIFESTS = f"{COMPACTED_DIR}/manifests"
-COMPACTED_TABLES = ("videos", "errors")
+# Derived from clips, per shard and clip label: the best score (what lets a label search stop early).
+BOUNDS = "clip_label_bounds"
+COMPACTED_TABLES = ("videos", "errors", BOUNDS)
+BOUNDS_ROW_GROUP = 8192  # rows sorted by label: a search reads its labels' row groups only
 SHARDS_PER_FILE = 4096  # one rewritten shard sends readers back to at most this many per-shard files
 MANIFEST_SCHEMA = pa.schema(
     [("table", pa.string()), ("file", pa.string()), ("shard", pa.int32()), ("version", pa.int32())]
 )
 TABLE_SCHEMAS = {"videos": schemas.VIDEOS_SCHEMA, "errors": schemas.ERRORS_SCHEMA}
+BOUNDS_SCHEMA = pa.schema([("label_id", pa.int32()), ("shard", pa.int32()), ("max_score", pa.float32())])
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
@@ -211,9 +219,9 @@ def compact(fs: fsspec.AbstractFileSystem, root: str, *, min_shards: int = 1) ->
     return CompactionResult(seq, uncovered, written, deleted)
 
 
-def _parquet(table: pa.Table) -> bytes:
+def _parquet(table: pa.Table, row_group_size: int | None = None) -> bytes:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
     return sink.getvalue().to_pybytes()
 
 
@@ -225,15 +233,60 @@ def _write_compacted(
     versions: dict[int, int],
     name: str,
 ) -> None:
-    files = TableFiles(
-        (), tuple((s, storage.join(root, layout.table_file(table, s, v))) for s, v in versions.items())
+    if table == BOUNDS:
+        data, row_group = _label_bounds_of(arrow_fs, root, versions), BOUNDS_ROW_GROUP
+    else:
+        files = TableFiles((), tuple((s, _shard_file(root, table, s, v)) for s, v in versions.items()))
+        schema = TABLE_SCHEMAS[table].append(pa.field("shard", pa.int32()))
+        rows = files.dataset(arrow_fs, schema).to_table().sort_by("shard")
+        with fs.open(files.shards[0][1], "rb") as fh:  # the per-shard files' metadata: model, label map
+            data, row_group = rows.replace_schema_metadata(pq.read_schema(fh).metadata), None
+    storage.write_bytes(fs, storage.join(root, name), _parquet(data, row_group))
+
+
+def _shard_file(root: str, table: str, shard: int, version: int) -> str:
+    return storage.join(root, layout.table_file(table, shard, version))
+
+
+def _label_bounds_of(arrow_fs: pafs.FileSystem, root: str, versions: dict[int, int]) -> pa.Table:
+    """Per shard and clip label, the best clip score, sorted by label then best score (two columns of
+    each clips file read)."""
+    files = TableFiles((), tuple((s, _shard_file(root, "clips", s, v)) for s, v in versions.items()))
+    clips = files.dataset(arrow_fs, pa.schema([("label_id", pa.int32()), ("score", pa.float32()),
+                                               ("shard", pa.int32())])).to_table()  # fmt: skip
+    best = clips.group_by(["label_id", "shard"]).aggregate([("score", "max")])
+    bounds = pa.table({"label_id": best["label_id"], "shard": best["shard"], "max_score": best["score_max"]},
+                      schema=BOUNDS_SCHEMA)  # fmt: skip
+    return bounds.sort_by([("label_id", "ascending"), ("max_score", "descending"), ("shard", "ascending")])
+
+
+def label_bounds(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    versions: dict[int, int],
+    manifest: Manifest | None,
+    label_ids: list[int],
+) -> tuple[dict[int, float], set[int]]:
+    """For the committed shards a good bounds file covers: {shard: best score of a clip with one of
+    ``label_ids``} (a covered shard absent from it has no such clip), and the covered shards. Shards not
+    covered (new or rewritten since the last compaction) must be searched whatever their scores."""
+    if manifest is None:
+        return {}, set()
+    good = _good_files(manifest, BOUNDS, versions, _present(fs, root, BOUNDS))
+    if not good:
+        return {}, set()
+    covered = {s for f in good for s in manifest.files[f]}
+    dataset = ds.FileSystemDataset.from_paths(
+        [storage.join(root, f) for f in good], schema=BOUNDS_SCHEMA, format=ds.ParquetFileFormat(),
+        filesystem=arrow_filesystem(fs))  # fmt: skip
+    rows = dataset.to_table(columns=["shard", "max_score"], filter=ds.field("label_id").isin(label_ids))
+    best = rows.group_by("shard").aggregate([("max_score", "max")]) if rows.num_rows else None
+    bounds = (
+        {}
+        if best is None
+        else dict(zip(best["shard"].to_pylist(), best["max_score_max"].to_pylist(), strict=True))
     )
-    schema = TABLE_SCHEMAS[table].append(pa.field("shard", pa.int32()))
-    rows = files.dataset(arrow_fs, schema).to_table().sort_by("shard")
-    first = files.shards[0][1]
-    with fs.open(first, "rb") as fh:  # the per-shard files' metadata: model tag, label map, schema version
-        metadata = pq.read_schema(fh).metadata
-    storage.write_bytes(fs, storage.join(root, name), _parquet(rows.replace_schema_metadata(metadata)))
+    return bounds, covered
 
 
 def _clean_up(
