@@ -35,7 +35,13 @@ import pyarrow.dataset as ds
 from videoindex import storage
 from videoindex.config import ConfigError, parse_storage_options
 from videoindex.format import layout, schemas
-from videoindex.format.compaction import arrow_filesystem, committed_files, label_bounds, read_manifest
+from videoindex.format.compaction import (
+    Manifest,
+    arrow_filesystem,
+    committed_files,
+    label_bounds,
+    read_manifest,
+)
 from videoindex.format.errortypes import RETRYABLE_ERROR_TYPES
 from videoindex.format.jobrecord import generation_fields
 from videoindex.format.ledger import Ledger
@@ -141,11 +147,22 @@ class Index:
         self.ledger = Ledger(self.fs, self.root).view()
         self.versions = self.ledger.committed_versions()
         self.committed = sorted(self.versions)
-        self.manifest = read_manifest(self.fs, self.root)  # compacted videos and errors, if any
+        self._manifest: Manifest | None | bool = False  # False: not read yet (answers from stats need none)
         self._datasets: dict[str, ds.Dataset] = {}
         if self._con is not None:
             for table in layout.TABLES:
                 self._con.register(table, self.dataset(table))
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The compaction manifest (format/compaction.py), read on first use; None: not compacted."""
+        if self._manifest is False:
+            self._manifest = read_manifest(self.fs, self.root)
+        return self._manifest
+
+    @manifest.setter
+    def manifest(self, value: Manifest | None) -> None:
+        self._manifest = value
 
     def __enter__(self) -> Index:
         return self
