@@ -91,6 +91,8 @@ def test_crashes_damage_and_lost_files_leave_the_same_rows(index, monkeypatch, c
     assert len(list((index / COMPACTED_DIR).rglob("*.parquet"))) == 3  # written, never named
     assert _rows(index) == before and len(_files_read(index, "videos")) == 80
 
+    writing = index / COMPACTED_DIR / "videos" / ".00000000-0000-0a0b0c0d.parquet.tmp-5f"  # another writer's
+    writing.write_bytes(b"half")
     first = compact(fs, root)
     assert first.seq == 1 and first.files_deleted == 0  # the orphans have seq 1, not below it
     assert _rows(index) == before and len(_files_read(index, "videos")) == 1
@@ -103,6 +105,7 @@ def test_crashes_damage_and_lost_files_leave_the_same_rows(index, monkeypatch, c
     assert second.seq == 2 and second.shards_pending == 80 and second.files_written == 1  # errors only
     assert _rows(index) == before and len(_files_read(index, "errors")) == 1
     assert second.files_deleted == 3  # the orphans of the killed compaction (seq 1, never named)
+    assert writing.exists()  # not a name of ours: never deleted
 
     # a damaged newest manifest: a warning, and the one before it answers
     (index / MANIFESTS / "00000002.parquet").write_bytes(b"PAR1 torn")

@@ -83,8 +83,14 @@ class Manifest:
 
 
 def _seq(name: str) -> int | None:
+    """The sequence number of a manifest or compacted file name; None for any other name."""
     stem = name.split(".", 1)[0].split("-", 1)[0]
-    return int(stem) if stem.isdigit() else None
+    return int(stem) if stem.isdigit() and name.endswith(".parquet") else None
+
+
+def _below(name: str, seq: int) -> bool:
+    found = _seq(name)
+    return found is not None and found < seq
 
 
 def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
@@ -302,16 +308,15 @@ def _clean_up(
     previous manifest names whose sequence number is below ``seq``. Best effort: what stays is only
     unread storage until the next compaction."""
     named = set(written.column("file").to_pylist()) | set(previous.files if previous else ())
-    doomed = [
-        storage.join(root, MANIFESTS, n)
-        for n in manifest_names
-        if (_seq(n) or 0) < (previous.seq if previous else seq) and (_seq(n) or 0) < seq
+    keep_from = min(previous.seq, seq) if previous else seq
+    doomed = [  # only names of ours (a writer's temporary file has none) below the kept sequence numbers
+        storage.join(root, MANIFESTS, n) for n in manifest_names if _below(n, keep_from)
     ]
     for table, names in present.items():
         doomed += [
             storage.join(root, COMPACTED_DIR, table, n)
             for n in names
-            if f"{COMPACTED_DIR}/{table}/{n}" not in named and (_seq(n) or 0) < seq
+            if f"{COMPACTED_DIR}/{table}/{n}" not in named and _below(n, seq)
         ]
     deleted = 0
     for path in doomed:
