@@ -73,7 +73,7 @@ def _retry_failed_scan(uri: str, options: dict[str, Any] | None) -> int:
     return sum(
         map(
             len,
-            failed_videos(fs, root, Ledger(fs, root).view().committed_versions(), all_errors=True).values(),
+            failed_videos(fs, root, Ledger(fs, root).view().committed_commits(), all_errors=True).values(),
         )
     )
 

@@ -7,6 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -15,16 +16,21 @@ from tests.helpers import small_job_config, videos_by_name
 from tests.synthetic_index import RUN, write_synthetic_index
 from videoindex import storage
 from videoindex.cli import main
-from videoindex.format import compaction
+from videoindex.format import compaction, layout
 from videoindex.format.compaction import COMPACTED_DIR, MANIFESTS, compact, read_manifest
 from videoindex.format.ledger import Ledger, attempt_key
+from videoindex.format.tables import stats_from_tables
+from videoindex.job.resume import failed_videos
 from videoindex.job.run import run_job
 from videoindex.query import open_index
 
 
-def _rows(root: str | Path) -> dict:
-    """Everything a reader answers from the videos and errors tables (not from the ledger's stats)."""
+def _rows(root: str | Path, *, compacted: bool = True) -> dict:
+    """Everything a reader answers from the videos and errors tables (not from the ledger's stats);
+    ``compacted=False``: from the per-shard files alone, the truth."""
     with open_index(str(root)) as idx:
+        if not compacted:
+            idx.manifest = None
         return {
             "videos": idx.sql("SELECT * FROM videos ORDER BY video_id").to_pylist(),
             "errors": idx.sql("SELECT * FROM errors ORDER BY ALL").to_pylist(),
@@ -210,3 +216,86 @@ def test_a_label_search_on_a_compacted_index_reads_few_shards_for_the_same_answe
         idx.manifest = None
         idx.search(some[0]["label"], limit=5)
         assert idx.search_shards_read == 200
+
+
+def test_a_shard_committed_again_at_the_same_version_is_not_read_from_its_old_copy(tmp_path):
+    """A shard whose commit was withdrawn (an older in-place writer) is written again as version 0 by a
+    later attempt: the compacted copy names the same version but another commit, so readers, the next
+    compaction and resume's failed-video scan take the shard's own new files."""
+    root = tmp_path / "index"
+    write_synthetic_index(str(root), videos=40, clips_per_video=2, shards=10, error_videos=10)
+    fs, path = storage.filesystem(str(root))
+    assert compact(fs, path).seq == 1
+    shard, ledger = 3, Ledger(fs, path)
+    ledger.event(attempt_key(RUN + 1, 1), shard, 2, "uncommitted", {})
+    tables = {t: pq.read_table(root / layout.table_file(t, shard)) for t in layout.TABLES}
+    videos = tables["videos"]
+    assert "error" in videos["status"].to_pylist()
+    ok = pa.array(["ok"] * videos.num_rows)
+    tables["videos"] = videos.set_column(videos.schema.get_field_index("status"), "status", ok)
+    for table, rows in tables.items():
+        pq.write_table(rows, root / layout.table_file(table, shard))  # version 0 again, in place
+    ledger.event(attempt_key(RUN + 2, 1), shard, 3, "committed",
+                 {"shard": shard, "attempt": 3, "version": 0, **stats_from_tables(tables)})  # fmt: skip
+    with open_index(str(root)) as idx:
+        statuses = idx.sql(f"SELECT DISTINCT status FROM videos WHERE shard = {shard}").column(0).to_pylist()
+        assert statuses == ["ok"]
+    assert not failed_videos(fs, path, Ledger(fs, path).view().committed_commits(), all_errors=True).get(
+        shard
+    )
+    again = compact(fs, path)
+    assert again.seq == 2 and again.shards_pending == 10  # the stale file's ten shards, copied anew
+    with open_index(str(root)) as idx:
+        assert idx.sql(f"SELECT DISTINCT status FROM videos WHERE shard = {shard}").column(0).to_pylist() == [
+            "ok"
+        ]
+        assert all(f.startswith(str(root / COMPACTED_DIR)) for f in idx.dataset("videos").files)
+
+
+def test_a_manifest_that_failed_to_read_keeps_its_files(tmp_path, monkeypatch):
+    """The newest manifest cannot be read while a compaction starts (storage failing): the compaction
+    works from the one before, and its clean-up, which reads the manifests again, keeps every file the
+    newest names (deleting them would break readers that hold it)."""
+    root = tmp_path / "index"
+    write_synthetic_index(str(root), videos=48, clips_per_video=2, shards=12, uncommitted_shards=(10, 11))
+    fs, path = storage.filesystem(str(root))
+    ledger = Ledger(fs, path)
+    assert compact(fs, path).seq == 1
+    ledger.event(attempt_key(RUN, 900), 10, 1, "committed", {"shard": 10, "attempt": 1})
+    assert compact(fs, path).seq == 2
+    newest = read_manifest(fs, path)
+    before = _rows(root)
+    ledger.event(attempt_key(RUN, 901), 11, 1, "committed", {"shard": 11, "attempt": 1})
+    real_cat, failed = type(fs).cat_file, []
+
+    def fail_once(self, p, *args, **kwargs):
+        if p.endswith("manifests/00000002.parquet") and not failed:
+            failed.append(p)
+            raise PermissionError("storage refused the read")
+        return real_cat(self, p, *args, **kwargs)
+
+    monkeypatch.setattr(type(fs), "cat_file", fail_once)
+    third = compact(fs, path)
+    assert failed and third.seq == 3
+    assert all((root / f).exists() for f in newest.files), "files of an intact manifest were deleted"
+    assert _rows(root) != before  # shard 11 is committed now
+    with open_index(str(root)) as idx:
+        assert idx.sql("SELECT count(DISTINCT shard) FROM videos").column(0).to_pylist() == [12]
+
+
+def test_many_compactions_are_merged_into_few_files(tmp_path, monkeypatch):
+    """Each compaction adds files; past MERGE_AFTER_FILES a table is copied anew into few files."""
+    monkeypatch.setattr(compaction, "MERGE_AFTER_FILES", 2)
+    root = tmp_path / "index"
+    write_synthetic_index(str(root), videos=32, clips_per_video=2, shards=8, uncommitted_shards=(4, 5, 6, 7))
+    fs, path = storage.filesystem(str(root))
+    assert compact(fs, path).files_written == 3
+    counts = []
+    for shard in (4, 5, 6, 7):
+        Ledger(fs, path).event(
+            attempt_key(RUN, 900 + shard), shard, 1, "committed", {"shard": shard, "attempt": 1}
+        )
+        compact(fs, path)
+        counts.append(len(_files_read(root, "videos")))
+        assert _rows(root) == _rows(root, compacted=False)
+    assert counts == [2, 1, 2, 1]  # at 2 files the next compaction copies the table anew into one

@@ -36,6 +36,7 @@ from videoindex import storage
 from videoindex.config import ConfigError, parse_storage_options
 from videoindex.format import layout, schemas
 from videoindex.format.compaction import (
+    COMPACTED_TABLES,
     Manifest,
     arrow_filesystem,
     committed_files,
@@ -145,8 +146,8 @@ class Index:
         version of their files. Datasets are built again on next use; an open DuckDB connection keeps
         whatever the caller made in it and gets its three views pointed at the new files."""
         self.ledger = Ledger(self.fs, self.root).view()
-        self.versions = self.ledger.committed_versions()
-        self.committed = sorted(self.versions)
+        self.commits = self.ledger.committed_commits()  # {shard: (version of its files, attempt)}
+        self.committed = sorted(self.commits)
         self._manifest: Manifest | None | bool = False  # False: not read yet (answers from stats need none)
         self._datasets: dict[str, ds.Dataset] = {}
         if self._con is not None:
@@ -192,7 +193,8 @@ class Index:
         """A table over the committed shards' rows: compacted files where they hold the committed
         version of every shard in them, each other shard's own file (``shard`` from its partition)."""
         if table not in self._datasets:
-            files = committed_files(self.fs, self.root, table, self.versions, self.manifest)
+            manifest = self.manifest if table in COMPACTED_TABLES else None  # clips: never read it
+            files = committed_files(self.fs, self.root, table, self.commits, manifest)
             self._datasets[table] = files.dataset(self._arrow_fs, self._schema(table))
         return self._datasets[table]
 
@@ -322,7 +324,7 @@ class Index:
         wanted = set(names)
         ids = [i for i, name in self.id2label.items() if name in wanted]
         bounds, covered = (
-            label_bounds(self.fs, self.root, self.versions, self.manifest, ids) if ids else ({}, set())
+            label_bounds(self.fs, self.root, self.commits, self.manifest, ids) if ids else ({}, set())
         )
         if not covered:
             self.search_shards_read += len(self.committed)
@@ -351,7 +353,7 @@ class Index:
     ) -> pa.Table:
         """The ``limit`` best clips of ``names`` among ``best`` and the clips files of ``shards``."""
         self.search_shards_read += len(shards)
-        files = committed_files(self.fs, self.root, "clips", {s: self.versions[s] for s in shards}, None)
+        files = committed_files(self.fs, self.root, "clips", {s: self.commits[s] for s in shards}, None)
         where = pc.field("label").isin(names) & (pc.field("score") >= min_score)
         table = files.dataset(self._arrow_fs, self._schema("clips")).to_table(
             columns=CLIP_COLUMNS, filter=where

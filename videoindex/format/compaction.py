@@ -2,29 +2,32 @@
 
 Why: a job of 100,000 shards leaves 100,000 tiny files per table, and a reader of ``videos`` pays one
 request per file on object storage. Compaction copies the rows of many shards into one file and names,
-in a manifest, which shard at which committed version each file holds::
+in a manifest, which commit of which shard each file holds::
 
     _compacted/{table}/{seq:08d}-{part:04d}-{token}.parquet   rows of up to SHARDS_PER_FILE shards, ``shard`` a column
     _compacted/clip_label_bounds/...parquet                    per shard and clip label: the best clip score
-    _compacted/manifests/{seq:08d}.parquet                     table, file, shard, version: written last
+    _compacted/manifests/{seq:08d}.parquet                     table, file, shard, version, attempt: written last
 
 The label bounds are derived from the clips (two columns of each clips file read once): a label search
 reads shards best bound first and stops when no unread shard can beat what it found (query.Index.search).
 
 The per-shard files stay the truth (plain Hive readers of ``videos/`` never see ``_compacted/``). A
-videoindex reader uses a compacted file only while every shard in it is committed at the version it
-copied and the file exists; otherwise it reads those shards' own files. So a retried video replaces its
-row wherever the row lived, and a crash at any point leaves a readable index with the same rows: files
-written before their manifest are never read, and an older manifest stays valid for the shards it names.
-A later compaction copies what is not covered (new shards, rewritten ones) and keeps every file that is
-still good. Clean-up deletes manifests older than the previous one and files that neither of the two
-newest manifests names and whose sequence number is below the new one (a compaction running beside this
-one writes files at a sequence number no lower). ``clips`` are not compacted: a shard's clips file is
-already large; the bounds let a label search skip most of them.
+videoindex reader uses a compacted file only while it exists and every shard in it is still committed by
+the commit it copied (the files' version and the attempt that committed them: ``ShardState.commit``);
+otherwise it reads those shards' own files. So a retried video replaces its row wherever the row lived,
+and a crash at any point leaves a readable index with the same rows: files written before their
+manifest are never read, and an older manifest stays valid for the commits it names. A later compaction
+copies what is not covered (new shards, rewritten ones), keeps every file that is still good, and copies
+a table anew once it is spread over MERGE_AFTER_FILES files. Clean-up deletes manifests older
+than the previous one, and files that no manifest from the previous one on names and whose sequence
+number is below the new one (a compaction running beside this one writes at a sequence number no lower);
+while any of those manifests cannot be read it deletes no file. ``clips`` are not compacted: a shard's
+clips file is already large; the bounds let a label search skip most of them.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import secrets
 from collections.abc import Iterable
@@ -44,6 +47,8 @@ from videoindex.format.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
+Commit = tuple[int, int]  # (version of a shard's files, attempt that committed them): ShardState.commit
+
 COMPACTED_DIR = "_compacted"
 MANIFESTS = f"{COMPACTED_DIR}/manifests"
 # Derived from clips, per shard and clip label: the best score (what lets a label search stop early).
@@ -51,9 +56,10 @@ BOUNDS = "clip_label_bounds"
 COMPACTED_TABLES = ("videos", "errors", BOUNDS)
 BOUNDS_ROW_GROUP = 8192  # rows sorted by label: a search reads its labels' row groups only
 SHARDS_PER_FILE = 4096  # one rewritten shard sends readers back to at most this many per-shard files
-MANIFEST_SCHEMA = pa.schema(
-    [("table", pa.string()), ("file", pa.string()), ("shard", pa.int32()), ("version", pa.int32())]
-)
+MERGE_AFTER_FILES = 16  # a table spread over this many files (one or more per compaction) is copied anew
+COPY_TRIES = 3  # a shard rewritten while its files were copied: read the ledger again and copy again
+MANIFEST_SCHEMA = pa.schema([("table", pa.string()), ("file", pa.string()), ("shard", pa.int32()),
+                             ("version", pa.int32()), ("attempt", pa.int32())])  # fmt: skip
 TABLE_SCHEMAS = {"videos": schemas.VIDEOS_SCHEMA, "errors": schemas.ERRORS_SCHEMA}
 BOUNDS_SCHEMA = pa.schema([("label_id", pa.int32()), ("shard", pa.int32()), ("max_score", pa.float32())])
 
@@ -68,17 +74,17 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
 
 @dataclass(frozen=True)
 class Manifest:
-    """The newest readable manifest: its sequence number and, per compacted file, the shards it holds."""
+    """One manifest: its sequence number and, per compacted file, the commits of the shards it holds."""
 
     seq: int
-    files: dict[str, dict[int, int]]  # file (relative to OUTPUT) -> {shard: version copied}
+    files: dict[str, dict[int, Commit]]  # file (relative to OUTPUT) -> {shard: commit copied}
     tables: dict[str, str]  # file -> table
 
     def entries(self, files: Iterable[str]) -> list[dict[str, Any]]:
         return [
-            {"table": self.tables[f], "file": f, "shard": s, "version": v}
+            {"table": self.tables[f], "file": f, "shard": s, "version": v, "attempt": a}
             for f in files
-            for s, v in sorted(self.files[f].items())
+            for s, (v, a) in sorted(self.files[f].items())
         ]
 
 
@@ -93,26 +99,37 @@ def _below(name: str, seq: int) -> bool:
     return found is not None and found < seq
 
 
+def _list(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    fs.invalidate_cache(path)  # stores whose listings come from fsspec's directory cache
+    return storage.list_after(fs, path)
+
+
+def _manifest_names(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Manifest names, newest first."""
+    named = [n for n in _list(fs, storage.join(root, MANIFESTS)) if _seq(n) is not None]
+    return sorted(named, key=lambda n: _seq(n) or 0, reverse=True)
+
+
+def _read_one(fs: fsspec.AbstractFileSystem, root: str, name: str) -> Manifest:
+    """One manifest; transient storage errors are retried, anything else raises."""
+    data = storage.with_retries(lambda: fs.cat_file(storage.join(root, MANIFESTS, name)), what=f"read {name}")
+    table = pq.read_table(io.BytesIO(data), columns=MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    files: dict[str, dict[int, Commit]] = {}
+    tables: dict[str, str] = {}
+    for row in table.to_pylist():
+        files.setdefault(row["file"], {})[row["shard"]] = (row["version"], row["attempt"])
+        tables[row["file"]] = row["table"]
+    return Manifest(_seq(name) or 0, files, tables)
+
+
 def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
-    """The newest manifest that reads; a damaged one is skipped with a warning (the previous one, or
-    none: every shard's own files, stays correct)."""
-    names = [n for n in storage.list_after(fs, storage.join(root, MANIFESTS)) if n.endswith(".parquet")]
-    for name in sorted(names, key=lambda n: _seq(n) or -1, reverse=True):
-        seq = _seq(name)
-        if seq is None:
-            continue
+    """The newest manifest that reads; an unreadable one is skipped with a warning (the one before it, or
+    none: every shard's own files, stays correct for every commit it names)."""
+    for name in _manifest_names(fs, root):
         try:
-            with fs.open(storage.join(root, MANIFESTS, name), "rb") as fh:
-                rows = pq.read_table(fh).cast(MANIFEST_SCHEMA).to_pylist()
-        except Exception as exc:  # damaged, truncated, half-copied: never fatal for a reader
+            return _read_one(fs, root, name)
+        except Exception as exc:  # damaged, truncated, or storage failing after retries: never fatal here
             log.warning("compaction manifest %s is unreadable (%s); reading the one before it", name, exc)
-            continue
-        files: dict[str, dict[int, int]] = {}
-        tables: dict[str, str] = {}
-        for row in rows:
-            files.setdefault(row["file"], {})[row["shard"]] = row["version"]
-            tables[row["file"]] = row["table"]
-        return Manifest(seq, files, tables)
     return None
 
 
@@ -138,10 +155,10 @@ class TableFiles:
 
 
 def _good_files(
-    manifest: Manifest | None, table: str, versions: dict[int, int], present: set[str]
+    manifest: Manifest | None, table: str, commits: dict[int, Commit], present: set[str]
 ) -> list[str]:
-    """The manifest's files of ``table`` that exist and whose every shard is committed at the version
-    they copied."""
+    """The manifest's files of ``table`` that exist and whose every shard is still committed by the
+    commit they copied."""
     if manifest is None:
         return []
     return sorted(
@@ -149,36 +166,64 @@ def _good_files(
         for f, shards in manifest.files.items()
         if manifest.tables[f] == table
         and f.rsplit("/", 1)[-1] in present
-        and all(versions.get(s) == v for s, v in shards.items())
+        and all(commits.get(s) == c for s, c in shards.items())
     )
 
 
 def _present(fs: fsspec.AbstractFileSystem, root: str, table: str) -> set[str]:
-    return set(storage.list_after(fs, storage.join(root, COMPACTED_DIR, table)))
+    return set(_list(fs, storage.join(root, COMPACTED_DIR, table)))
+
+
+def _shard_file(root: str, table: str, shard: int, commit: Commit) -> str:
+    return storage.join(root, layout.table_file(table, shard, commit[0]))
 
 
 def committed_files(
     fs: fsspec.AbstractFileSystem,
     root: str,
     table: str,
-    versions: dict[int, int],
+    commits: dict[int, Commit],
     manifest: Manifest | None,
 ) -> TableFiles:
-    """The files a reader reads for ``table`` over the committed shards ({shard: committed version}).
-    ``manifest``: ``read_manifest``'s; with one, a listing of the table's compacted folder checks that its
-    files exist."""
+    """The files a reader reads for ``table`` over committed shards ({shard: commit}, from
+    ``LedgerView.committed_commits``). ``manifest``: ``read_manifest``'s; with one, a listing of the
+    table's compacted folder checks that its files exist."""
     good: list[str] = []
     if manifest is not None and table in COMPACTED_TABLES:
-        good = _good_files(manifest, table, versions, _present(fs, root, table))
+        good = _good_files(manifest, table, commits, _present(fs, root, table))
     covered = {s for f in good for s in manifest.files[f]} if good else set()
     return TableFiles(
         compacted=tuple(storage.join(root, f) for f in good),
         shards=tuple(
-            (s, storage.join(root, layout.table_file(table, s, v)))
-            for s, v in sorted(versions.items())
-            if s not in covered
+            (s, _shard_file(root, table, s, c)) for s, c in sorted(commits.items()) if s not in covered
         ),
     )
+
+
+def label_bounds(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    commits: dict[int, Commit],
+    manifest: Manifest | None,
+    label_ids: list[int],
+) -> tuple[dict[int, float], set[int]]:
+    """For the committed shards a good bounds file covers: {shard: best score of a clip with one of
+    ``label_ids``} (a covered shard absent from it has no such clip), and the covered shards. Shards not
+    covered (new or rewritten since the last compaction) must be searched whatever their scores."""
+    if manifest is None:
+        return {}, set()
+    good = _good_files(manifest, BOUNDS, commits, _present(fs, root, BOUNDS))
+    if not good:
+        return {}, set()
+    covered = {s for f in good for s in manifest.files[f]}
+    dataset = ds.FileSystemDataset.from_paths(
+        [storage.join(root, f) for f in good], schema=BOUNDS_SCHEMA, format=ds.ParquetFileFormat(),
+        filesystem=arrow_filesystem(fs))  # fmt: skip
+    rows = dataset.to_table(columns=["shard", "max_score"], filter=ds.field("label_id").isin(label_ids))
+    if rows.num_rows == 0:
+        return {}, covered
+    best = rows.group_by("shard").aggregate([("max_score", "max")])
+    return dict(zip(best["shard"].to_pylist(), best["max_score_max"].to_pylist(), strict=True)), covered
 
 
 @dataclass(frozen=True)
@@ -192,36 +237,53 @@ class CompactionResult:
 def compact(fs: fsspec.AbstractFileSystem, root: str, *, min_shards: int = 1) -> CompactionResult:
     """Copy the small tables of committed shards not yet covered into new files, then write the manifest
     that names them (and every still-good file), then clean up. Does nothing while fewer than
-    ``min_shards`` committed shards are uncovered."""
-    versions = Ledger(fs, root).view().committed_versions()
+    ``min_shards`` committed shards are uncovered. A shard rewritten while its files were being copied
+    (they vanish) starts the copy again from a fresh read of the ledger."""
+    for tries_left in range(COPY_TRIES - 1, -1, -1):
+        try:
+            return _compact_once(fs, root, min_shards)
+        except FileNotFoundError as exc:
+            if tries_left == 0:
+                raise
+            log.info("a shard was rewritten while compaction copied it (%s); reading the ledger again", exc)
+    raise AssertionError("unreachable")
+
+
+def _compact_once(fs: fsspec.AbstractFileSystem, root: str, min_shards: int) -> CompactionResult:
+    commits = Ledger(fs, root).view().committed_commits()
     manifest = read_manifest(fs, root)
     present = {table: _present(fs, root, table) for table in COMPACTED_TABLES}
-    keep = {t: _good_files(manifest, t, versions, present[t]) for t in COMPACTED_TABLES}
+    keep = {t: _good_files(manifest, t, commits, present[t]) for t in COMPACTED_TABLES}
+    keep = {t: files if len(files) < MERGE_AFTER_FILES else [] for t, files in keep.items()}
     pending = {
-        t: sorted(set(versions) - {s for f in keep[t] for s in manifest.files[f]})
+        t: sorted(set(commits) - {s for f in keep[t] for s in manifest.files[f]})
         if manifest
-        else sorted(versions)
+        else sorted(commits)
         for t in COMPACTED_TABLES
     }
     uncovered = len(set().union(*pending.values()))
     if uncovered == 0 or uncovered < min_shards:
         return CompactionResult(None, uncovered, 0, 0)
-    manifest_names = storage.list_after(fs, storage.join(root, MANIFESTS))
-    seq = max([_seq(n) or 0 for n in manifest_names] + [manifest.seq if manifest else 0]) + 1
+    existing = _manifest_names(fs, root)
+    seq = max([_seq(n) or 0 for n in existing] + [manifest.seq if manifest else 0]) + 1
     arrow_fs = arrow_filesystem(fs)
     rows = manifest.entries(f for t in COMPACTED_TABLES for f in keep[t]) if manifest else []
     written = 0
     for table in COMPACTED_TABLES:
         for part, start in enumerate(range(0, len(pending[table]), SHARDS_PER_FILE)):
-            shards = pending[table][start : start + SHARDS_PER_FILE]
+            shards = {s: commits[s] for s in pending[table][start : start + SHARDS_PER_FILE]}
             name = f"{COMPACTED_DIR}/{table}/{seq:08d}-{part:04d}-{secrets.token_hex(4)}.parquet"
-            _write_compacted(fs, root, arrow_fs, table, {s: versions[s] for s in shards}, name)
-            rows += [{"table": table, "file": name, "shard": s, "version": versions[s]} for s in shards]
+            _write_compacted(fs, root, arrow_fs, table, shards, name)
+            rows += [{"table": table, "file": name, "shard": s, "version": v, "attempt": a}
+                     for s, (v, a) in shards.items()]  # fmt: skip
             written += 1
-    data = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    storage.write_bytes(fs, storage.join(root, MANIFESTS, f"{seq:08d}.parquet"), _parquet(data))
+    storage.write_bytes(fs, storage.join(root, MANIFESTS, f"{seq:08d}.parquet"),
+                        _parquet(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)))  # fmt: skip
     log.info("compacted %d shards of %s into %d files (manifest %d)", uncovered, root, written, seq)
-    deleted = _clean_up(fs, root, seq, manifest, data, manifest_names, present)
+    # Manifests from the previous readable one on stay (with every file they name); with none readable,
+    # every manifest there was stays.
+    keep_from = manifest.seq if manifest else min([_seq(n) or seq for n in existing] + [seq])
+    deleted = _clean_up(fs, root, seq, keep_from, present)
     return CompactionResult(seq, uncovered, written, deleted)
 
 
@@ -236,13 +298,13 @@ def _write_compacted(
     root: str,
     arrow_fs: pafs.FileSystem,
     table: str,
-    versions: dict[int, int],
+    commits: dict[int, Commit],
     name: str,
 ) -> None:
     if table == BOUNDS:
-        data, row_group = _label_bounds_of(arrow_fs, root, versions), BOUNDS_ROW_GROUP
+        data, row_group = _label_bounds_of(arrow_fs, root, commits), BOUNDS_ROW_GROUP
     else:
-        files = TableFiles((), tuple((s, _shard_file(root, table, s, v)) for s, v in versions.items()))
+        files = TableFiles((), tuple((s, _shard_file(root, table, s, c)) for s, c in commits.items()))
         schema = TABLE_SCHEMAS[table].append(pa.field("shard", pa.int32()))
         rows = files.dataset(arrow_fs, schema).to_table().sort_by("shard")
         with fs.open(files.shards[0][1], "rb") as fh:  # the per-shard files' metadata: model, label map
@@ -250,14 +312,10 @@ def _write_compacted(
     storage.write_bytes(fs, storage.join(root, name), _parquet(data, row_group))
 
 
-def _shard_file(root: str, table: str, shard: int, version: int) -> str:
-    return storage.join(root, layout.table_file(table, shard, version))
-
-
-def _label_bounds_of(arrow_fs: pafs.FileSystem, root: str, versions: dict[int, int]) -> pa.Table:
+def _label_bounds_of(arrow_fs: pafs.FileSystem, root: str, commits: dict[int, Commit]) -> pa.Table:
     """Per shard and clip label, the best clip score, sorted by label then best score (two columns of
     each clips file read)."""
-    files = TableFiles((), tuple((s, _shard_file(root, "clips", s, v)) for s, v in versions.items()))
+    files = TableFiles((), tuple((s, _shard_file(root, "clips", s, c)) for s, c in commits.items()))
     clips = files.dataset(arrow_fs, pa.schema([("label_id", pa.int32()), ("score", pa.float32()),
                                                ("shard", pa.int32())])).to_table()  # fmt: skip
     best = clips.group_by(["label_id", "shard"]).aggregate([("score", "max")])
@@ -266,58 +324,30 @@ def _label_bounds_of(arrow_fs: pafs.FileSystem, root: str, versions: dict[int, i
     return bounds.sort_by([("label_id", "ascending"), ("max_score", "descending"), ("shard", "ascending")])
 
 
-def label_bounds(
-    fs: fsspec.AbstractFileSystem,
-    root: str,
-    versions: dict[int, int],
-    manifest: Manifest | None,
-    label_ids: list[int],
-) -> tuple[dict[int, float], set[int]]:
-    """For the committed shards a good bounds file covers: {shard: best score of a clip with one of
-    ``label_ids``} (a covered shard absent from it has no such clip), and the covered shards. Shards not
-    covered (new or rewritten since the last compaction) must be searched whatever their scores."""
-    if manifest is None:
-        return {}, set()
-    good = _good_files(manifest, BOUNDS, versions, _present(fs, root, BOUNDS))
-    if not good:
-        return {}, set()
-    covered = {s for f in good for s in manifest.files[f]}
-    dataset = ds.FileSystemDataset.from_paths(
-        [storage.join(root, f) for f in good], schema=BOUNDS_SCHEMA, format=ds.ParquetFileFormat(),
-        filesystem=arrow_filesystem(fs))  # fmt: skip
-    rows = dataset.to_table(columns=["shard", "max_score"], filter=ds.field("label_id").isin(label_ids))
-    best = rows.group_by("shard").aggregate([("max_score", "max")]) if rows.num_rows else None
-    bounds = (
-        {}
-        if best is None
-        else dict(zip(best["shard"].to_pylist(), best["max_score_max"].to_pylist(), strict=True))
-    )
-    return bounds, covered
-
-
 def _clean_up(
-    fs: fsspec.AbstractFileSystem,
-    root: str,
-    seq: int,
-    previous: Manifest | None,
-    written: pa.Table,
-    manifest_names: list[str],
-    present: dict[str, set[str]],
+    fs: fsspec.AbstractFileSystem, root: str, seq: int, keep_from: int, present: dict[str, set[str]]
 ) -> int:
-    """Delete manifests older than the previous one, and compacted files neither the new nor the
-    previous manifest names whose sequence number is below ``seq``. Best effort: what stays is only
-    unread storage until the next compaction."""
-    named = set(written.column("file").to_pylist()) | set(previous.files if previous else ())
-    keep_from = min(previous.seq, seq) if previous else seq
-    doomed = [  # only names of ours (a writer's temporary file has none) below the kept sequence numbers
-        storage.join(root, MANIFESTS, n) for n in manifest_names if _below(n, keep_from)
-    ]
-    for table, names in present.items():
-        doomed += [
-            storage.join(root, COMPACTED_DIR, table, n)
-            for n in names
-            if f"{COMPACTED_DIR}/{table}/{n}" not in named and _below(n, seq)
-        ]
+    """Delete manifests below ``keep_from``, then compacted files listed before this compaction wrote
+    any (``present``) whose sequence number is below ``seq`` and that no manifest from ``keep_from`` on
+    names (listed again: a compaction beside this one may have written one). Best effort: what stays is
+    only unread storage until the next compaction."""
+    doomed = [storage.join(root, MANIFESTS, n) for n in _manifest_names(fs, root) if _below(n, keep_from)]
+    named: set[str] = set()
+    for name in _manifest_names(fs, root):
+        if not _below(name, keep_from):
+            try:
+                named |= set(_read_one(fs, root, name).files)
+            except Exception as exc:
+                log.warning("compaction clean-up: manifest %s unreadable (%s); no file deleted", name, exc)
+                named = None  # type: ignore[assignment]
+                break
+    if named is not None:
+        for table, names in present.items():
+            doomed += [
+                storage.join(root, COMPACTED_DIR, table, n)
+                for n in names
+                if f"{COMPACTED_DIR}/{table}/{n}" not in named and _below(n, seq)
+            ]
     deleted = 0
     for path in doomed:
         try:

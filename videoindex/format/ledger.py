@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 TOTAL_KEYS = ("videos", "videos_ok", "videos_error", "clips")
 # The numbers of a commit's stats that readers add up or compare; a checkpoint holds them as columns, so
 # status, resume and the job's summary never parse the stats' JSON (100,000 shards: seconds of parsing).
-COUNT_KEYS = (*TOTAL_KEYS, "duration_s_ok", "started_at", "finished_at", "generation", "version")
+COUNT_KEYS = (*TOTAL_KEYS, "duration_s_ok", "started_at", "finished_at", "generation", "version", "attempt")
 EVENTS = ("started", "uncommitted", "committed", "failed")
 LOG, CHECKPOINTS, RUNS = "log", "checkpoints", "runs"
 STALLED_AFTER = 3  # heartbeat intervals without a renewal before an attempt counts as stalled
@@ -113,6 +113,12 @@ class ShardState:
         return int(self.counts.get("version", 0))
 
     @property
+    def commit(self) -> tuple[int, int]:
+        """(version of the committed files, attempt that committed them): one set of rows. The version
+        alone is not: a shard not committed when queued is written again as version 0."""
+        return self.version, int(self.counts.get("attempt", 0))
+
+    @property
     def generation(self) -> int:
         """The plan generation the committed files are from (``job.update``)."""
         return int(self.counts.get("generation", 0))
@@ -159,6 +165,10 @@ class LedgerView:
     def committed_versions(self) -> dict[int, int]:
         """{shard: version of its committed files}, in shard order: what readers open."""
         return {s: st.version for s, st in sorted(self.shards.items()) if st.status == "committed"}
+
+    def committed_commits(self) -> dict[int, tuple[int, int]]:
+        """{shard: ShardState.commit}, in shard order: what compacted copies are checked against."""
+        return {s: st.commit for s, st in sorted(self.shards.items()) if st.status == "committed"}
 
     def failed(self) -> set[int]:
         return {s for s, st in self.shards.items() if st.status == "failed"}

@@ -18,10 +18,10 @@ from videoindex.format.schemas import VIDEOS_SCHEMA
 
 
 def failed_videos(
-    fs: Any, root: str, shards: dict[int, int], *, all_errors: bool
+    fs: Any, root: str, shards: dict[int, tuple[int, int]], *, all_errors: bool
 ) -> dict[int, tuple[str, ...]]:
-    """Video ids with status=error per committed shard ({shard: committed version}; retryable error types
-    only, unless all_errors)."""
+    """Video ids with status=error per committed shard ({shard: its commit}, from
+    ``LedgerView.committed_commits``; retryable error types only, unless all_errors)."""
     if not shards:
         return {}
     files = committed_files(fs, root, "videos", shards, read_manifest(fs, root))

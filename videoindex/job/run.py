@@ -101,7 +101,8 @@ def _queue(config: JobConfig, ledger: Ledger, view: LedgerView, plan: pa.Table, 
     committed = view.committed_versions()
     partial = {} if rerun else outdated_videos(plan, view)
     if retry is not None:
-        for shard, ids in failed_videos(ledger.fs, ledger.root, committed, all_errors=retry == "all").items():
+        commits = view.committed_commits()
+        for shard, ids in failed_videos(ledger.fs, ledger.root, commits, all_errors=retry == "all").items():
             partial.setdefault(shard, set()).update(ids)
     for shard in range(int(record["plan"]["shards"])):
         attempt = view.state(shard).attempts + 1
