@@ -4,8 +4,8 @@ Requires ``OUTPUT/_job.json`` (model, label map) and the ledger; produces pyarro
 shards are visible: file paths are built from the commit markers (one listing of ``_ledger/``) and
 ``layout.table_file`` with the version each commit names, never from listing the table directories, so
 a half-written shard or a rewrite not yet committed is never read; ``videos`` and ``errors`` come from
-compacted files where those hold every shard's committed version (format/compaction.py). Works on local paths and any fsspec URI
-(s3://, gs://...) with ``storage_options``; DuckDB scans the pyarrow datasets lazily (projection and filter pushdown), so no DuckDB httpfs is needed.
+compacted files where those still hold each shard's committed rows (format/compaction.py). Works on
+local paths and any fsspec URI (s3://, gs://...) with ``storage_options``; DuckDB scans the pyarrow datasets lazily (projection and filter pushdown), so no DuckDB httpfs is needed.
 
     idx = videoindex.open("s3://bucket/index", {"anon": False})
     idx.search("pushing", min_score=0.5)
@@ -190,8 +190,8 @@ class Index:
         return base.append(pa.field("shard", pa.int32()))
 
     def dataset(self, table: str) -> ds.Dataset:
-        """A table over the committed shards' rows: compacted files where they hold the committed
-        version of every shard in them, each other shard's own file (``shard`` from its partition)."""
+        """A table over the committed shards' rows: compacted files where they still hold the commit of
+        every shard in them, each other shard's own file (``shard`` from its partition)."""
         if table not in self._datasets:
             manifest = self.manifest if table in COMPACTED_TABLES else None  # clips: never read it
             files = committed_files(self.fs, self.root, table, self.commits, manifest)
