@@ -43,7 +43,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from videoindex import storage
 from videoindex.format import layout, schemas
-from videoindex.format.ledger import Ledger
+from videoindex.format.ledger import Ledger, LedgerView
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,10 @@ def _manifest_names(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 def _read_one(fs: fsspec.AbstractFileSystem, root: str, name: str) -> Manifest:
     """One manifest; transient storage errors are retried, anything else raises."""
     data = storage.with_retries(lambda: fs.cat_file(storage.join(root, MANIFESTS, name)), what=f"read {name}")
-    table = pq.read_table(io.BytesIO(data), columns=MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    # use_threads=False: a small table, and no Arrow pool work left running when a command exits (an
+    # Arrow thread torn down mid-task aborts the interpreter: apache/arrow#39862).
+    table = pq.read_table(io.BytesIO(data), columns=MANIFEST_SCHEMA.names, use_threads=False)
+    table = table.cast(MANIFEST_SCHEMA)
     files: dict[str, dict[int, Commit]] = {}
     tables: dict[str, str] = {}
     for row in table.to_pylist():
@@ -234,23 +237,29 @@ class CompactionResult:
     files_deleted: int
 
 
-def compact(fs: fsspec.AbstractFileSystem, root: str, *, min_shards: int = 1) -> CompactionResult:
+def compact(
+    fs: fsspec.AbstractFileSystem, root: str, *, min_shards: int = 1, view: LedgerView | None = None
+) -> CompactionResult:
     """Copy the small tables of committed shards not yet covered into new files, then write the manifest
     that names them (and every still-good file), then clean up. Does nothing while fewer than
-    ``min_shards`` committed shards are uncovered. A shard rewritten while its files were being copied
-    (they vanish) starts the copy again from a fresh read of the ledger."""
+    ``min_shards`` committed shards are uncovered. ``view``: the ledger as just read (a job's end), else
+    it is read here. A shard rewritten while its files were being copied (they vanish) starts the copy
+    again from a fresh read of the ledger."""
     for tries_left in range(COPY_TRIES - 1, -1, -1):
         try:
-            return _compact_once(fs, root, min_shards)
+            return _compact_once(fs, root, min_shards, view)
         except FileNotFoundError as exc:
             if tries_left == 0:
                 raise
             log.info("a shard was rewritten while compaction copied it (%s); reading the ledger again", exc)
+            view = None
     raise AssertionError("unreachable")
 
 
-def _compact_once(fs: fsspec.AbstractFileSystem, root: str, min_shards: int) -> CompactionResult:
-    commits = Ledger(fs, root).view().committed_commits()
+def _compact_once(
+    fs: fsspec.AbstractFileSystem, root: str, min_shards: int, view: LedgerView | None
+) -> CompactionResult:
+    commits = (view or Ledger(fs, root).view()).committed_commits()
     manifest = read_manifest(fs, root)
     present = {table: _present(fs, root, table) for table in COMPACTED_TABLES}
     keep = {t: _good_files(manifest, t, commits, present[t]) for t in COMPACTED_TABLES}

@@ -272,7 +272,9 @@ def _view_from_checkpoint(data: bytes, position: str) -> LedgerView:
     (their numbers come from the count columns, in checkpoints that have them)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(io.BytesIO(data))
+    # One thread: no Arrow pool work may still run when a command exits right after reading the ledger
+    # (an Arrow thread torn down mid-task aborts the interpreter: apache/arrow#39862).
+    table = pq.read_table(io.BytesIO(data), use_threads=False)
     columns = {name: table[name].to_pylist() for name in STATE_COLUMNS}
     # A checkpoint without every count column (written before them): counts come from the stats.
     complete = all(key in table.column_names for key in COUNT_KEYS)

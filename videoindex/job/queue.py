@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from videoindex.format.layout import shard_name
-from videoindex.format.ledger import Ledger, attempt_key
+from videoindex.format.ledger import Ledger, LedgerView, attempt_key
 from videoindex.format.plans import ShardRows, live, shard_tasks
 from videoindex.job.shard import ShardWork
 
@@ -93,14 +93,18 @@ class ShardQueue:
             else:
                 self.pending.append(dataclasses.replace(work, attempt=work.attempt + 1, key=""))
 
-    def checkpoint(self) -> None:
-        """Write a ledger checkpoint from a fresh read of the ledger (a failure only costs readers time)."""
+    def checkpoint(self) -> LedgerView | None:
+        """Write a ledger checkpoint from a fresh read of the ledger (a failure only costs readers time);
+        returns the view it wrote, None if it could not."""
         try:
-            position = self.ledger.write_checkpoint(self.ledger.view())
+            view = self.ledger.view()
+            position = self.ledger.write_checkpoint(view)
             log.info("ledger checkpoint written at %s", position)
+            return view
         except Exception as exc:
             log.warning(
                 "ledger checkpoint not written (%s: %s); readers list the log instead",
                 type(exc).__name__,
                 exc,
             )
+            return None

@@ -139,13 +139,16 @@ def summarize(stats: list[dict[str, Any]]) -> dict[str, Any]:
     return {**totals, "clips_per_s": round(totals["clips"] / busy, 3) if busy > 0 else None}
 
 
-def compact_at_end(config: JobConfig, fs: Any, root: str) -> None:
+def compact_at_end(config: JobConfig, fs: Any, root: str, view: LedgerView | None) -> None:
     """Compact the small tables once ``output.compact_min_shards`` shards are not yet; a failure costs
-    readers only speed (their per-shard files stay the truth), so it is a warning, not a failed job."""
-    if config.output.compact_min_shards <= 0:
+    readers only speed (their per-shard files stay the truth), so it is a warning, not a failed job.
+    ``view``: the ledger as the job's last checkpoint read it (nothing to list while fewer shards than
+    that are committed at all)."""
+    least = config.output.compact_min_shards
+    if least <= 0 or (view is not None and len(view.committed()) < least):
         return
     try:
-        compact(fs, root, min_shards=config.output.compact_min_shards)
+        compact(fs, root, min_shards=least, view=view)
     except Exception as exc:
         log.warning("compaction at the job's end failed (%s); readers use the per-shard files; "
                     "`videoindex compact %s` tries again", exc, config.output.uri)  # fmt: skip
@@ -201,8 +204,10 @@ def run_job(
             executor_for(config.execution.executor).run(context, queue, bar)
         ledger.write_run(run, {**run_record, "heartbeat_at": time.time(), "finished_at": time.time(),
                                "committed": len(queue.committed), "failed": len(queue.failed)})  # fmt: skip
-        queue.checkpoint()  # readers of the finished run take it from here: a bounded number of requests
-        compact_at_end(config, fs, root)
+        final = (
+            queue.checkpoint()
+        )  # readers of the finished run take it from here: a bounded number of requests
+        compact_at_end(config, fs, root, final)
         result.summary["failed_shards"] = dict(queue.failed)
     committed = view.committed() | set(queue.committed)  # what earlier runs committed, and this one
     earlier = [view.state(s).counts for s in sorted(committed - set(queue.committed))]
