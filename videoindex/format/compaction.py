@@ -259,7 +259,7 @@ def compact(
 def _compact_once(
     fs: fsspec.AbstractFileSystem, root: str, min_shards: int, view: LedgerView | None
 ) -> CompactionResult:
-    commits = (view or Ledger(fs, root).view()).committed_commits()
+    commits = (view if view is not None else Ledger(fs, root).view()).committed_commits()
     manifest = read_manifest(fs, root)
     present = {table: _present(fs, root, table) for table in COMPACTED_TABLES}
     keep = {t: _good_files(manifest, t, commits, present[t]) for t in COMPACTED_TABLES}
