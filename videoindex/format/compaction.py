@@ -125,10 +125,13 @@ def _read_one(fs: fsspec.AbstractFileSystem, root: str, name: str) -> Manifest:
     return Manifest(_seq(name) or 0, files, tables)
 
 
-def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
+def read_manifest(
+    fs: fsspec.AbstractFileSystem, root: str, names: list[str] | None = None
+) -> Manifest | None:
     """The newest manifest that reads; an unreadable one is skipped with a warning (the one before it, or
-    none: every shard's own files, stays correct for every commit it names)."""
-    for name in _manifest_names(fs, root):
+    none: every shard's own files, stays correct for every commit it names). ``names``: a listing already
+    made (``_manifest_names``)."""
+    for name in _manifest_names(fs, root) if names is None else names:
         try:
             return _read_one(fs, root, name)
         except Exception as exc:  # damaged, truncated, or storage failing after retries: never fatal here
@@ -260,7 +263,8 @@ def _compact_once(
     fs: fsspec.AbstractFileSystem, root: str, min_shards: int, view: LedgerView | None
 ) -> CompactionResult:
     commits = (view if view is not None else Ledger(fs, root).view()).committed_commits()
-    manifest = read_manifest(fs, root)
+    existing = _manifest_names(fs, root)
+    manifest = read_manifest(fs, root, existing)
     present = {table: _present(fs, root, table) for table in COMPACTED_TABLES}
     keep = {t: _good_files(manifest, t, commits, present[t]) for t in COMPACTED_TABLES}
     keep = {t: files if len(files) < MERGE_AFTER_FILES else [] for t, files in keep.items()}
@@ -273,8 +277,7 @@ def _compact_once(
     uncovered = len(set().union(*pending.values()))
     if uncovered == 0 or uncovered < min_shards:
         return CompactionResult(None, uncovered, 0, 0)
-    existing = _manifest_names(fs, root)
-    seq = max([_seq(n) or 0 for n in existing] + [manifest.seq if manifest else 0]) + 1
+    seq = max([_seq(n) or 0 for n in existing], default=0) + 1
     arrow_fs = arrow_filesystem(fs)
     rows = manifest.entries(f for t in COMPACTED_TABLES for f in keep[t]) if manifest else []
     written = 0
@@ -340,9 +343,10 @@ def _clean_up(
     any (``present``) whose sequence number is below ``seq`` and that no manifest from ``keep_from`` on
     names (listed again: a compaction beside this one may have written one). Best effort: what stays is
     only unread storage until the next compaction."""
-    doomed = [storage.join(root, MANIFESTS, n) for n in _manifest_names(fs, root) if _below(n, keep_from)]
+    names = _manifest_names(fs, root)  # again: a compaction beside this one may have written one
+    doomed = [storage.join(root, MANIFESTS, n) for n in names if _below(n, keep_from)]
     named: set[str] = set()
-    for name in _manifest_names(fs, root):
+    for name in names:
         if not _below(name, keep_from):
             try:
                 named |= set(_read_one(fs, root, name).files)

@@ -204,9 +204,8 @@ def run_job(
             executor_for(config.execution.executor).run(context, queue, bar)
         ledger.write_run(run, {**run_record, "heartbeat_at": time.time(), "finished_at": time.time(),
                                "committed": len(queue.committed), "failed": len(queue.failed)})  # fmt: skip
-        final = (
-            queue.checkpoint()
-        )  # readers of the finished run take it from here: a bounded number of requests
+        # Readers of the finished run take it from here: a bounded number of requests.
+        final = queue.checkpoint()
         compact_at_end(config, fs, root, final)
         result.summary["failed_shards"] = dict(queue.failed)
     committed = view.committed() | set(queue.committed)  # what earlier runs committed, and this one
