@@ -17,7 +17,7 @@ from tests.synthetic_index import RUN, write_synthetic_index
 from videoindex import storage
 from videoindex.cli import main
 from videoindex.format import compaction, layout
-from videoindex.format.compaction import COMPACTED_DIR, MANIFESTS, compact, read_manifest
+from videoindex.format.compaction import COMPACTED_DIR, EMBEDDINGS, MANIFESTS, compact, read_manifest
 from videoindex.format.ledger import Ledger, attempt_key
 from videoindex.format.tables import stats_from_tables
 from videoindex.job.resume import failed_videos
@@ -61,7 +61,8 @@ def test_a_compacted_index_reads_the_same_rows_from_a_few_files(index, monkeypat
     assert main(["compact", str(index), "--min-shards", "100"]) == 0  # 80 uncovered: too few
     assert "nothing to compact: 80" in capsys.readouterr().out
     assert main(["compact", str(index)]) == 0
-    assert "compacted 80 shards into 9 files" in capsys.readouterr().out  # 3 of videos, errors, label bounds
+    # 3 each of videos, errors, label bounds and clip embeddings
+    assert "compacted 80 shards into 12 files" in capsys.readouterr().out
     assert _rows(index) == before
     read = _files_read(index, "videos")
     assert len(read) == 3 and all(f.startswith(f"{COMPACTED_DIR}/videos/") for f in read)
@@ -94,7 +95,7 @@ def test_crashes_damage_and_lost_files_leave_the_same_rows(index, monkeypatch, c
     with pytest.raises(OSError, match="killed"):
         compact(fs, root)
     monkeypatch.setattr(storage, "write_bytes", real_write)
-    assert len(list((index / COMPACTED_DIR).rglob("*.parquet"))) == 3  # written, never named
+    assert len(list((index / COMPACTED_DIR).rglob("*.parquet"))) == 4  # written, never named
     assert _rows(index) == before and len(_files_read(index, "videos")) == 80
 
     writing = index / COMPACTED_DIR / "videos" / ".00000000-0000-0a0b0c0d.parquet.tmp-5f"  # another writer's
@@ -110,7 +111,7 @@ def test_crashes_damage_and_lost_files_leave_the_same_rows(index, monkeypatch, c
     second = compact(fs, root)
     assert second.seq == 2 and second.shards_pending == 80 and second.files_written == 1  # errors only
     assert _rows(index) == before and len(_files_read(index, "errors")) == 1
-    assert second.files_deleted == 3  # the orphans of the killed compaction (seq 1, never named)
+    assert second.files_deleted == 4  # the orphans of the killed compaction (seq 1, never named)
     assert writing.exists()  # not a name of ours: never deleted
 
     # a damaged newest manifest: a warning, and the one before it answers
@@ -289,7 +290,7 @@ def test_many_compactions_are_merged_into_few_files(tmp_path, monkeypatch):
     root = tmp_path / "index"
     write_synthetic_index(str(root), videos=32, clips_per_video=2, shards=8, uncommitted_shards=(4, 5, 6, 7))
     fs, path = storage.filesystem(str(root))
-    assert compact(fs, path).files_written == 3
+    assert compact(fs, path).files_written == 4
     counts = []
     for shard in (4, 5, 6, 7):
         Ledger(fs, path).event(
@@ -299,3 +300,80 @@ def test_many_compactions_are_merged_into_few_files(tmp_path, monkeypatch):
         counts.append(len(_files_read(root, "videos")))
         assert _rows(root) == _rows(root, compacted=False)
     assert counts == [2, 1, 2, 1]  # at 2 files the next compaction copies the table anew into one
+
+
+def test_similar_on_a_compacted_index_scans_few_files_for_the_same_answer(tmp_path, monkeypatch, capsys):
+    """`similar` scans the compacted embeddings (files cut by the ledger's clip counts) and, for a shard
+    committed since, its clips file: the same answer as a scan of every clips file. A compaction told
+    not to copy embeddings drops the earlier copies; a later one copies them again, and nothing else."""
+    monkeypatch.setattr(compaction, "EMBEDDINGS_FILE_CLIPS", 40)
+    root = tmp_path / "index"
+    info = write_synthetic_index(
+        str(root), videos=120, clips_per_video=2, shards=20, error_videos=12, uncommitted_shards=(19,)
+    )
+    fs, path = storage.filesystem(str(root))
+    ok = [v for v in info["video_ids"] if v not in set(info["error_video_ids"])]
+    queries = [(ok[0], None), (ok[9], 1), (ok[-1], 0), (ok[40], None)]
+
+    def answers(compacted: bool = True) -> tuple[list, list[str]]:
+        with open_index(str(root)) as idx:
+            if not compacted:
+                idx.manifest = None
+            found = [idx.similar(v, k=9, clip_index=c).to_pylist() for v, c in queries]
+            return found, [Path(f).relative_to(root).as_posix() for f in idx.dataset(EMBEDDINGS).files]
+
+    before, files = answers()
+    assert len(files) == 19 and all(f.startswith("clips/") for f in files)
+    assert compact(fs, path).seq == 1
+    after, files = answers()
+    assert after == before
+    manifest = read_manifest(fs, path)
+    copies = sorted(f for f, table in manifest.tables.items() if table == EMBEDDINGS)
+    assert sorted(files) == copies and all(f.startswith(f"{COMPACTED_DIR}/{EMBEDDINGS}/") for f in copies)
+    clips = {s: Ledger(fs, path).view().state(s).counts["clips"] for s in range(19)}
+    for f in copies:  # cut by clip counts, whole shards: at most 40 clips a file unless one shard has more
+        assert sum(clips[s] for s in manifest.files[f]) <= 40 or len(manifest.files[f]) == 1
+    assert len(copies) >= -(-sum(clips.values()) // 40) and len(copies) < 19
+    assert sum(pq.read_metadata(root / f).num_rows for f in copies) == info["clips"]
+
+    Ledger(fs, path).event(attempt_key(RUN, 900), 19, 1, "committed", {"shard": 19, "attempt": 1})
+    after, files = answers()
+    assert after == answers(compacted=False)[0]
+    assert sorted(files) == sorted([*copies, layout.table_file("clips", 19)])
+
+    assert main(["compact", str(root), "--no-embeddings"]) == 0
+    assert EMBEDDINGS not in read_manifest(fs, path).tables.values()
+    after, files = answers()
+    assert after == answers(compacted=False)[0]
+    assert len(files) == 20 and all(f.startswith("clips/") for f in files)
+    again = compact(fs, path)  # embeddings again (the default): the other tables are covered
+    assert again.shards_pending == 20 and again.files_written == len(_groups_of(fs, path, EMBEDDINGS))
+    assert compact(fs, path, embeddings=False).seq == again.seq + 1  # nothing new, but copies to drop
+    capsys.readouterr()
+
+
+def _groups_of(fs, path: str, table: str) -> list[str]:
+    manifest = read_manifest(fs, path)
+    return [f for f, t in manifest.tables.items() if t == table]
+
+
+def test_a_merge_copies_anew_only_the_files_not_full_yet(tmp_path, monkeypatch):
+    """Full files (SHARDS_PER_FILE shards, or half EMBEDDINGS_FILE_CLIPS clips) stay as they are through
+    a merge: at scale the embeddings fill many files, and a merge must not copy them all again."""
+    monkeypatch.setattr(compaction, "MERGE_AFTER_FILES", 2)
+    monkeypatch.setattr(compaction, "SHARDS_PER_FILE", 2)
+    root = tmp_path / "index"
+    write_synthetic_index(str(root), videos=32, clips_per_video=2, shards=8, uncommitted_shards=(4, 5, 6, 7))
+    fs, path = storage.filesystem(str(root))
+    compact(fs, path)
+    full = set(_files_read(root, "videos"))
+    assert len(full) == 2  # shards 0-1 and 2-3
+    for shard in (4, 5, 6):
+        Ledger(fs, path).event(
+            attempt_key(RUN, 900 + shard), shard, 1, "committed", {"shard": shard, "attempt": 1}
+        )
+        compact(fs, path)
+    read = set(_files_read(root, "videos"))
+    assert full <= read  # never copied again
+    assert len(read) == 4  # + shards 4-5 (the merge of 4 and 5) + shard 6
+    assert _rows(root) == _rows(root, compacted=False)

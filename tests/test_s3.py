@@ -359,8 +359,8 @@ def _requests(proxy: FlakyProxy, argv: list[str]) -> int:
 
 def test_bookkeeping_requests_do_not_grow_with_the_shards(s3, tiny_model_dir, tmp_path, capsys):
     """Jobs of 6 and of 24 one-video shards on S3: status, query summary, a resume with nothing to do and,
-    once compacted, a scan of the videos table send the same number of requests for both (at most 40),
-    counted at a proxy in front of the server."""
+    once compacted, a scan of the videos table and a `similar` send the same number of requests for both
+    (at most 40), counted at a proxy in front of the server."""
     from tests.videogen import write_index_video
 
     video = write_index_video(tmp_path / "v.mp4", frames=3)
@@ -386,8 +386,12 @@ def test_bookkeeping_requests_do_not_grow_with_the_shards(s3, tiny_model_dir, tm
             # a read of the videos table opens one file per shard until the index is compacted
             count_videos = ["query", output, "sql", "SELECT count(*) FROM videos", *flags]
             assert _requests(proxy, count_videos) >= shards
+            # and `similar` every shard's clips file until the embeddings are compacted
+            similar = ["query", output, "similar", f"s3://{IN}/n{shards}/v003.mp4", "-k", "3", *flags]
+            assert _requests(proxy, similar) >= shards
             assert _requests(proxy, ["compact", output, *flags]) > 0
             counts[shards]["query videos, compacted"] = _requests(proxy, count_videos)
+            counts[shards]["query similar, compacted"] = _requests(proxy, similar)
         capsys.readouterr()
     print(counts)
     assert counts[6] == counts[24], counts

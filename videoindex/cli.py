@@ -165,11 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
     compact = sub.add_parser(
-        "compact", help="copy the videos and errors rows of committed shards into a few large files"
+        "compact", help="copy the videos/errors rows and clip embeddings of committed shards into few files"
     )
     compact.add_argument("output")
     compact.add_argument("--min-shards", type=int, default=1, metavar="N",
                          help="do nothing while fewer than N committed shards are not compacted yet (default 1)")  # fmt: skip
+    compact.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=None,
+                         help="copy the clip embeddings too, for `query similar` (default: the job's "
+                              "output.compact_embeddings)")  # fmt: skip
     compact.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
 
     resume = sub.add_parser(
@@ -322,9 +325,14 @@ def cmd_compact(args: argparse.Namespace) -> int:
     if args.min_shards < 1:
         raise ConfigError("--min-shards must be >= 1")
     fs, root = storage.filesystem(args.output, parse_storage_options(args.storage_option))
-    if not storage.exists(fs, storage.join(root, JOB_FILE)):
-        raise FileNotFoundError(f"{args.output} has no {JOB_FILE}: not a videoindex output")
-    result = compact(fs, root, min_shards=args.min_shards)
+    try:
+        record = storage.read_json(fs, storage.join(root, JOB_FILE))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{args.output} has no {JOB_FILE}: not a videoindex output") from None
+    embeddings = args.embeddings
+    if embeddings is None:
+        embeddings = bool(record.get("config", {}).get("output", {}).get("compact_embeddings", True))
+    result = compact(fs, root, min_shards=args.min_shards, embeddings=embeddings)
     if result.seq is None:
         print(
             f"nothing to compact: {result.shards_pending} committed shards not compacted (--min-shards {args.min_shards})"

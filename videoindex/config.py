@@ -104,6 +104,10 @@ class OutputConfig:
     # At a job's end, copy the videos and errors rows of committed shards into a few large files
     # (format/compaction.py) once this many shards are not compacted yet; 0: never (`videoindex compact`).
     compact_min_shards: int = 64
+    # Compaction also copies each clip's embedding (and the columns `query similar` returns) into a few
+    # large files: a nearest-neighbour search then reads those instead of every shard's clips file, at
+    # the price of storing the embeddings twice. false: `similar` reads every clips file.
+    compact_embeddings: bool = True
 
 
 @dataclass(frozen=True)

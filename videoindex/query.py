@@ -3,8 +3,9 @@
 Requires ``OUTPUT/_job.json`` (model, label map) and the ledger; produces pyarrow Tables. Only committed
 shards are visible: file paths are built from the commit markers (one listing of ``_ledger/``) and
 ``layout.table_file`` with the version each commit names, never from listing the table directories, so
-a half-written shard or a rewrite not yet committed is never read; ``videos`` and ``errors`` come from
-compacted files where those still hold each shard's committed rows (format/compaction.py). Works on
+a half-written shard or a rewrite not yet committed is never read; ``videos`` and ``errors`` (and the
+embeddings ``similar`` scans) come from compacted files where those still hold each shard's committed
+rows (format/compaction.py). Works on
 local paths and any fsspec URI (s3://, gs://...) with ``storage_options``; DuckDB scans the pyarrow datasets lazily (projection and filter pushdown), so no DuckDB httpfs is needed.
 
     idx = videoindex.open("s3://bucket/index", {"anon": False})
@@ -37,9 +38,12 @@ from videoindex.config import ConfigError, parse_storage_options
 from videoindex.format import layout, schemas
 from videoindex.format.compaction import (
     COMPACTED_TABLES,
+    EMBEDDINGS,
+    EMBEDDINGS_COLUMNS,
     Manifest,
     arrow_filesystem,
     committed_files,
+    embeddings_schema,
     label_bounds,
     read_manifest,
 )
@@ -52,7 +56,7 @@ log = logging.getLogger(__name__)
 JOB_FILE = "_job.json"
 FORMATS = ("table", "csv", "json", "parquet")
 TERMINAL_ROWS = 100  # rows shown by --format table; the file formats write every row
-CLIP_COLUMNS = ["uri", "video_id", "clip_index", "start_s", "end_s", "label", "score"]
+CLIP_COLUMNS = [c for c in EMBEDDINGS_COLUMNS if c != "embedding"]  # what search and similar return
 SEARCH_FIRST_SHARDS = 16  # a bounded label search reads this many shards first, then twice as many each round
 
 
@@ -181,8 +185,10 @@ class Index:
         return int(self.job.get("plan", {}).get("shards", len(self.committed)))
 
     def _schema(self, table: str) -> pa.Schema:
-        if table == "clips":
+        if table in ("clips", EMBEDDINGS):
             base = schemas.clips_schema(int(self.model["num_labels"]), int(self.model["embed_dim"]))
+            if table == EMBEDDINGS:  # the columns similar scans: compacted copies, else clips files
+                return embeddings_schema(base)
         elif table in ("videos", "errors"):
             base = schemas.VIDEOS_SCHEMA if table == "videos" else schemas.ERRORS_SCHEMA
         else:
@@ -191,7 +197,8 @@ class Index:
 
     def dataset(self, table: str) -> ds.Dataset:
         """A table over the committed shards' rows: compacted files where they still hold the commit of
-        every shard in them, each other shard's own file (``shard`` from its partition)."""
+        every shard in them, each other shard's own file (``shard`` from its partition). Besides the
+        tables, ``clip_embeddings``: the columns ``similar`` scans (compacted copies, else clips files)."""
         if table not in self._datasets:
             manifest = self.manifest if table in COMPACTED_TABLES else None  # clips: never read it
             files = committed_files(self.fs, self.root, table, self.commits, manifest)
@@ -427,9 +434,11 @@ class Index:
         if clip_index is not None:
             params.append(int(clip_index))
         dim = int(self.model["embed_dim"])
+        # The compacted embeddings (a few large files) where they cover the shards: flat requests.
+        self.duckdb().register(EMBEDDINGS, self.dataset(EMBEDDINGS))
         return self._query(
             f"SELECT {', '.join(CLIP_COLUMNS)}, "
-            f"array_cosine_similarity(embedding, ?::FLOAT[{dim}])::DOUBLE AS similarity FROM clips "
+            f"array_cosine_similarity(embedding, ?::FLOAT[{dim}])::DOUBLE AS similarity FROM {EMBEDDINGS} "
             f"WHERE {exclude} ORDER BY similarity DESC, video_id, clip_index LIMIT {k}",
             params,
         )

@@ -6,10 +6,16 @@ in a manifest, which commit of which shard each file holds::
 
     _compacted/{table}/{seq:08d}-{part:04d}-{token}.parquet   rows of up to SHARDS_PER_FILE shards, ``shard`` a column
     _compacted/clip_label_bounds/...parquet                    per shard and clip label: the best clip score
+    _compacted/clip_embeddings/...parquet                      what `similar` scans: each clip's embedding and
+                                                               result columns (up to EMBEDDINGS_FILE_CLIPS a file)
     _compacted/manifests/{seq:08d}.parquet                     table, file, shard, version, attempt: written last
 
 The label bounds are derived from the clips (two columns of each clips file read once): a label search
 reads shards best bound first and stops when no unread shard can beat what it found (query.Index.search).
+The clip embeddings are copied too (optional, on by default: ``output.compact_embeddings``): a nearest
+neighbour search needs every embedding, and reading them from a few large files instead of every
+shard's clips file keeps its requests flat; they are stored twice (about two thirds of the clips
+table's bytes), the price of that.
 
 The per-shard files stay the truth (plain Hive readers of ``videos/`` never see ``_compacted/``). A
 videoindex reader uses a compacted file only while it exists and every shard in it is still committed by
@@ -18,11 +24,11 @@ otherwise it reads those shards' own files. So a retried video replaces its row 
 and a crash at any point leaves a readable index with the same rows: files written before their
 manifest are never read, and an older manifest stays valid for the commits it names. A later compaction
 copies what is not covered (new shards, rewritten ones), keeps every file that is still good, and copies
-a table anew once it is spread over MERGE_AFTER_FILES files. Clean-up deletes manifests older
+the files that are not full yet anew once a table has MERGE_AFTER_FILES of them. Clean-up deletes manifests older
 than the previous one, and files that no manifest from the previous one on names and whose sequence
 number is below the new one (a compaction running beside this one writes at a sequence number no lower);
-while any of those manifests cannot be read it deletes no file. ``clips`` are not compacted: a shard's
-clips file is already large; the bounds let a label search skip most of them.
+while any of those manifests cannot be read it deletes no file. ``clips`` are not compacted as such: a
+shard's clips file is already large; the bounds let a label search skip most of them.
 """
 
 from __future__ import annotations
@@ -53,10 +59,16 @@ COMPACTED_DIR = "_compacted"
 MANIFESTS = f"{COMPACTED_DIR}/manifests"
 # Derived from clips, per shard and clip label: the best score (what lets a label search stop early).
 BOUNDS = "clip_label_bounds"
-COMPACTED_TABLES = ("videos", "errors", BOUNDS)
+# Derived from clips: what a nearest-neighbour search (query.Index.similar) scans and returns.
+EMBEDDINGS = "clip_embeddings"
+EMBEDDINGS_COLUMNS = ("uri", "video_id", "clip_index", "start_s", "end_s", "label", "score", "embedding")
+COMPACTED_TABLES = ("videos", "errors", BOUNDS, EMBEDDINGS)
+SOURCE_TABLE = {BOUNDS: "clips", EMBEDDINGS: "clips"}  # derived tables: the per-shard table they come from
+EMBEDDINGS_FILE_CLIPS = 131072  # ~200 MiB of 384-d embeddings a file: few requests, bounded memory
+EMBEDDINGS_ROW_GROUP = 16384
 BOUNDS_ROW_GROUP = 8192  # rows sorted by label: a search reads its labels' row groups only
 SHARDS_PER_FILE = 4096  # one rewritten shard sends readers back to at most this many per-shard files
-MERGE_AFTER_FILES = 16  # a table spread over this many files (one or more per compaction) is copied anew
+MERGE_AFTER_FILES = 16  # a table with this many files not full yet: those are copied anew together
 COPY_TRIES = 3  # a shard rewritten while its files were copied: read the ledger again and copy again
 MANIFEST_SCHEMA = pa.schema([("table", pa.string()), ("file", pa.string()), ("shard", pa.int32()),
                              ("version", pa.int32()), ("attempt", pa.int32())])  # fmt: skip
@@ -181,7 +193,13 @@ def _present(fs: fsspec.AbstractFileSystem, root: str, table: str) -> set[str]:
 
 
 def _shard_file(root: str, table: str, shard: int, commit: Commit) -> str:
-    return storage.join(root, layout.table_file(table, shard, commit[0]))
+    """A shard's own file for ``table`` (a derived table: the file it is derived from)."""
+    return storage.join(root, layout.table_file(SOURCE_TABLE.get(table, table), shard, commit[0]))
+
+
+def compacted_tables(embeddings: bool) -> tuple[str, ...]:
+    """The tables a compaction writes: the clip embeddings only when asked (they double their bytes)."""
+    return COMPACTED_TABLES if embeddings else tuple(t for t in COMPACTED_TABLES if t != EMBEDDINGS)
 
 
 def committed_files(
@@ -241,16 +259,23 @@ class CompactionResult:
 
 
 def compact(
-    fs: fsspec.AbstractFileSystem, root: str, *, min_shards: int = 1, view: LedgerView | None = None
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    *,
+    min_shards: int = 1,
+    view: LedgerView | None = None,
+    embeddings: bool = True,
 ) -> CompactionResult:
     """Copy the small tables of committed shards not yet covered into new files, then write the manifest
     that names them (and every still-good file), then clean up. Does nothing while fewer than
     ``min_shards`` committed shards are uncovered. ``view``: the ledger as just read (a job's end), else
-    it is read here. A shard rewritten while its files were being copied (they vanish) starts the copy
-    again from a fresh read of the ledger."""
+    it is read here. ``embeddings``: copy the clip embeddings too (else earlier copies of them are
+    dropped). A shard rewritten while its files were being copied (they vanish) starts the copy again
+    from a fresh read of the ledger."""
+    tables = compacted_tables(embeddings)
     for tries_left in range(COPY_TRIES - 1, -1, -1):
         try:
-            return _compact_once(fs, root, min_shards, view)
+            return _compact_once(fs, root, min_shards, view, tables)
         except FileNotFoundError as exc:
             if tries_left == 0:
                 raise
@@ -259,31 +284,65 @@ def compact(
     raise AssertionError("unreachable")
 
 
+def _full(manifest: Manifest, table: str, file: str, clips: dict[int, int]) -> bool:
+    """A file that a merge leaves alone: as many shards as a file takes, or (embeddings) half the clips."""
+    shards = manifest.files[file]
+    if len(shards) >= SHARDS_PER_FILE:
+        return True
+    return table == EMBEDDINGS and sum(clips.get(s, 0) for s in shards) >= EMBEDDINGS_FILE_CLIPS // 2
+
+
+def _groups(table: str, shards: list[int], clips: dict[int, int]) -> list[list[int]]:
+    """The pending shards of ``table`` cut into files: SHARDS_PER_FILE shards, or for the embeddings as
+    many shards as make up EMBEDDINGS_FILE_CLIPS clips (the ledger's counts; at least one shard a file)."""
+    groups: list[list[int]] = []
+    size = 0
+    for shard in shards:
+        weight = clips.get(shard, 0) if table == EMBEDDINGS else 0
+        too_many_clips = size > 0 and size + weight > EMBEDDINGS_FILE_CLIPS
+        if not groups or len(groups[-1]) >= SHARDS_PER_FILE or too_many_clips:
+            groups.append([])
+            size = 0
+        groups[-1].append(shard)
+        size += weight
+    return groups
+
+
 def _compact_once(
-    fs: fsspec.AbstractFileSystem, root: str, min_shards: int, view: LedgerView | None
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    min_shards: int,
+    view: LedgerView | None,
+    tables: tuple[str, ...],
 ) -> CompactionResult:
-    commits = (view if view is not None else Ledger(fs, root).view()).committed_commits()
+    view = view if view is not None else Ledger(fs, root).view()
+    commits = view.committed_commits()
+    clips = {s: int(view.state(s).counts.get("clips", 0)) for s in commits}
     existing = _manifest_names(fs, root)
     manifest = read_manifest(fs, root, existing)
     present = {table: _present(fs, root, table) for table in COMPACTED_TABLES}
-    keep = {t: _good_files(manifest, t, commits, present[t]) for t in COMPACTED_TABLES}
-    keep = {t: files if len(files) < MERGE_AFTER_FILES else [] for t, files in keep.items()}
+    keep = {t: _good_files(manifest, t, commits, present[t]) for t in tables}
+    for t, files in keep.items():  # many files not full yet (small compactions): copied anew together
+        full = [f for f in files if manifest is not None and _full(manifest, t, f, clips)]
+        if len(files) - len(full) >= MERGE_AFTER_FILES:
+            keep[t] = full
     pending = {
         t: sorted(set(commits) - {s for f in keep[t] for s in manifest.files[f]})
         if manifest
         else sorted(commits)
-        for t in COMPACTED_TABLES
+        for t in tables
     }
     uncovered = len(set().union(*pending.values()))
-    if uncovered == 0 or uncovered < min_shards:
+    dropped = manifest is not None and any(t not in tables for t in manifest.tables.values())
+    if not dropped and (uncovered == 0 or uncovered < min_shards):
         return CompactionResult(None, uncovered, 0, 0)
     seq = max([_seq(n) or 0 for n in existing], default=0) + 1
     arrow_fs = arrow_filesystem(fs)
-    rows = manifest.entries(f for t in COMPACTED_TABLES for f in keep[t]) if manifest else []
+    rows = manifest.entries(f for t in tables for f in keep[t]) if manifest else []
     written = 0
-    for table in COMPACTED_TABLES:
-        for part, start in enumerate(range(0, len(pending[table]), SHARDS_PER_FILE)):
-            shards = {s: commits[s] for s in pending[table][start : start + SHARDS_PER_FILE]}
+    for table in tables:
+        for part, group in enumerate(_groups(table, pending[table], clips)):
+            shards = {s: commits[s] for s in group}
             name = f"{COMPACTED_DIR}/{table}/{seq:08d}-{part:04d}-{secrets.token_hex(4)}.parquet"
             _write_compacted(fs, root, arrow_fs, table, shards, name)
             rows += [{"table": table, "file": name, "shard": s, "version": v, "attempt": a}
@@ -313,6 +372,9 @@ def _write_compacted(
     commits: dict[int, Commit],
     name: str,
 ) -> None:
+    if table == EMBEDDINGS:
+        _write_embeddings(fs, root, arrow_fs, commits, name)
+        return
     if table == BOUNDS:
         data, row_group = _label_bounds_of(arrow_fs, root, commits), BOUNDS_ROW_GROUP
     else:
@@ -322,6 +384,35 @@ def _write_compacted(
         with fs.open(files.shards[0][1], "rb") as fh:  # the per-shard files' metadata: model, label map
             data, row_group = rows.replace_schema_metadata(pq.read_schema(fh).metadata), None
     storage.write_bytes(fs, storage.join(root, name), _parquet(data, row_group))
+
+
+def embeddings_schema(clips: pa.Schema) -> pa.Schema:
+    """The compacted embeddings' columns, as the clips table types them, and ``shard``."""
+    return pa.schema([clips.field(c) for c in EMBEDDINGS_COLUMNS] + [pa.field("shard", pa.int32())])
+
+
+def _write_embeddings(
+    fs: fsspec.AbstractFileSystem, root: str, arrow_fs: pafs.FileSystem, commits: dict[int, Commit], name: str
+) -> None:
+    """Stream the shards' embedding columns into one file (never the whole file in memory)."""
+    files = TableFiles((), tuple((s, _shard_file(root, EMBEDDINGS, s, c)) for s, c in commits.items()))
+    with fs.open(files.shards[0][1], "rb") as fh:  # types, model and label map: as the clips files have them
+        source = pq.read_schema(fh)
+    schema = embeddings_schema(source).with_metadata(source.metadata)
+    scanner = files.dataset(arrow_fs, schema).scanner(batch_size=EMBEDDINGS_ROW_GROUP, use_threads=False)
+
+    def write(fh: Any) -> None:
+        with pq.ParquetWriter(fh, schema, compression="zstd", use_dictionary=["uri", "label"]) as writer:
+            pending: list[pa.RecordBatch] = []
+            for batch in scanner.to_batches():
+                pending.append(batch)
+                if sum(b.num_rows for b in pending) >= EMBEDDINGS_ROW_GROUP:
+                    writer.write_table(pa.Table.from_batches(pending, schema), EMBEDDINGS_ROW_GROUP)
+                    pending = []
+            if pending:
+                writer.write_table(pa.Table.from_batches(pending, schema), EMBEDDINGS_ROW_GROUP)
+
+    storage.write_streamed(fs, storage.join(root, name), write)
 
 
 def _label_bounds_of(arrow_fs: pafs.FileSystem, root: str, commits: dict[int, Commit]) -> pa.Table:

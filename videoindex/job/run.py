@@ -148,7 +148,7 @@ def compact_at_end(config: JobConfig, fs: Any, root: str, view: LedgerView | Non
     if least <= 0 or (view is not None and len(view.committed()) < least):
         return
     try:
-        compact(fs, root, min_shards=least, view=view)
+        compact(fs, root, min_shards=least, view=view, embeddings=config.output.compact_embeddings)
     except Exception as exc:
         log.warning("compaction at the job's end failed (%s); readers use the per-shard files; "
                     "`videoindex compact %s` tries again", exc, config.output.uri)  # fmt: skip
