@@ -25,7 +25,7 @@ EXAMPLES = """examples:
   videoindex run manifest.csv out/ --sampling ssv2 --config job.yaml
   videoindex status out/
   videoindex resume out/ --retry-failed
-  videoindex compact out/                           # few large videos/errors files (jobs do it at their end)
+  videoindex compact out/                           # few large files for readers (jobs do it at their end)
   videoindex query out/ summary
   videoindex report out/ --out report.html
 """
