@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -98,7 +100,7 @@ def test_crashes_damage_and_lost_files_leave_the_same_rows(index, monkeypatch, c
     assert len(list((index / COMPACTED_DIR).rglob("*.parquet"))) == 4  # written, never named
     assert _rows(index) == before and len(_files_read(index, "videos")) == 80
 
-    writing = index / COMPACTED_DIR / "videos" / ".00000000-0000-0a0b0c0d.parquet.tmp-5f"  # another writer's
+    writing = index / COMPACTED_DIR / "videos" / ".00000000-0000-0a0b0c0d.parquet.tmp-5f"  # being written
     writing.write_bytes(b"half")
     first = compact(fs, root)
     assert first.seq == 1 and first.files_deleted == 0  # the orphans have seq 1, not below it
@@ -112,7 +114,7 @@ def test_crashes_damage_and_lost_files_leave_the_same_rows(index, monkeypatch, c
     assert second.seq == 2 and second.shards_pending == 80 and second.files_written == 1  # errors only
     assert _rows(index) == before and len(_files_read(index, "errors")) == 1
     assert second.files_deleted == 4  # the orphans of the killed compaction (seq 1, never named)
-    assert writing.exists()  # not a name of ours: never deleted
+    assert writing.exists()  # perhaps still being written: kept
 
     # a damaged newest manifest: a warning, and the one before it answers
     (index / MANIFESTS / "00000002.parquet").write_bytes(b"PAR1 torn")
@@ -125,10 +127,21 @@ def test_crashes_damage_and_lost_files_leave_the_same_rows(index, monkeypatch, c
     def die_deleting(self, path):
         raise OSError("killed while deleting")
 
+    real_rm = type(fs).rm_file
     monkeypatch.setattr(type(fs), "rm_file", die_deleting)
     third = compact(fs, root)
     assert third.seq == 3 and third.files_deleted == 0
     assert _rows(index) == before and len(_files_read(index, "errors")) == 1
+
+    # a temporary file of ours an hour old was left by a compaction that died while writing: deleted
+    monkeypatch.setattr(type(fs), "rm_file", real_rm)
+    for seq in (2, 3):  # (and the damaged manifest: while one is unreadable nothing is deleted)
+        (index / MANIFESTS / f"0000000{seq}.parquet").unlink()
+    hour_ago = time.time() - compaction.TEMP_MAX_AGE_S - 60
+    os.utime(writing, (hour_ago, hour_ago))
+    fourth = compact(fs, root)
+    assert fourth.seq == 2 and not writing.exists()
+    assert _rows(index) == before
 
 
 def test_a_retried_video_replaces_its_compacted_row(tiny_model_dir, tmp_path):
@@ -330,10 +343,17 @@ def test_similar_on_a_compacted_index_scans_few_files_for_the_same_answer(tmp_pa
     manifest = read_manifest(fs, path)
     copies = sorted(f for f, table in manifest.tables.items() if table == EMBEDDINGS)
     assert sorted(files) == copies and all(f.startswith(f"{COMPACTED_DIR}/{EMBEDDINGS}/") for f in copies)
-    clips = {s: Ledger(fs, path).view().state(s).counts["clips"] for s in range(19)}
-    for f in copies:  # cut by clip counts, whole shards: at most 40 clips a file unless one shard has more
-        assert sum(clips[s] for s in manifest.files[f]) <= 40 or len(manifest.files[f]) == 1
-    assert len(copies) >= -(-sum(clips.values()) // 40) and len(copies) < 19
+
+    def cut_by_clips(copies: list[str], shards: int) -> None:
+        """Whole shards a file, at most 40 clips unless one shard has more; every clip once."""
+        manifest = read_manifest(fs, path)
+        clips = {s: pq.read_metadata(root / layout.table_file("clips", s)).num_rows for s in range(shards)}
+        for f in copies:
+            assert sum(clips[s] for s in manifest.files[f]) <= 40 or len(manifest.files[f]) == 1
+        assert -(-sum(clips.values()) // 40) <= len(copies) < shards
+        assert sum(pq.read_metadata(root / f).num_rows for f in copies) == sum(clips.values())
+
+    cut_by_clips(copies, 19)
     assert sum(pq.read_metadata(root / f).num_rows for f in copies) == info["clips"]
 
     Ledger(fs, path).event(attempt_key(RUN, 900), 19, 1, "committed", {"shard": 19, "attempt": 1})
@@ -346,10 +366,20 @@ def test_similar_on_a_compacted_index_scans_few_files_for_the_same_answer(tmp_pa
     after, files = answers()
     assert after == answers(compacted=False)[0]
     assert len(files) == 20 and all(f.startswith("clips/") for f in files)
-    again = compact(fs, path)  # embeddings again (the default): the other tables are covered
+    assert main(["compact", str(root)]) == 0  # as the last compaction was asked: without embeddings
+    assert "nothing to compact" in capsys.readouterr().out
+    # embeddings again: the other tables are covered (shard 19 is counted from its clips file)
+    again = compact(fs, path)
     assert again.shards_pending == 20 and again.files_written == len(_groups_of(fs, path, EMBEDDINGS))
-    assert compact(fs, path, embeddings=False).seq == again.seq + 1  # nothing new, but copies to drop
-    capsys.readouterr()
+    cut_by_clips(_groups_of(fs, path, EMBEDDINGS), 20)
+    assert main(["compact", str(root)]) == 0  # as the last compaction was asked: with embeddings
+    assert "nothing to compact" in capsys.readouterr().out
+    dropped = compact(fs, path, embeddings=False, min_shards=1000)  # nothing new, but copies to drop
+    assert dropped.seq == again.seq + 1 and dropped.files_written == 0
+    videos = _files_read(root, "videos")  # shards 0-18, then shard 19: named again, not copied
+    assert not _groups_of(fs, path, EMBEDDINGS) and len(videos) == 2
+    assert all(f.startswith(f"{COMPACTED_DIR}/videos/0000000") for f in videos)
+    assert answers()[0] == answers(compacted=False)[0]
 
 
 def _groups_of(fs, path: str, table: str) -> list[str]:

@@ -272,6 +272,26 @@ def test_listings_never_stale_across_writers(s3):
     assert storage.read_json(fs, f"{ledger}/shard-00001.json") == {}
 
 
+def test_a_streamed_write_appears_whole_or_not_at_all(s3):
+    """storage.write_streamed (compacted embeddings): a multipart upload whose writer fails after two
+    parts is aborted, so no partial object appears; a whole one reads back."""
+    s3.fs().mkdir(OUT)
+    fs, root = storage.filesystem(f"s3://{OUT}/streamed", {**s3.options(), "default_block_size": 5 * 2**20})
+    part = b"x" * (5 * 2**20 + 1)
+
+    def fails_late(fh) -> None:
+        fh.write(part)
+        fh.write(part)  # two parts uploaded by now
+        raise RuntimeError("the writer died")
+
+    with pytest.raises(RuntimeError, match="died"):
+        storage.write_streamed(fs, f"{root}/big.bin", fails_late)
+    assert not fs.exists(f"{root}/big.bin")
+    assert not s3.fs().list_multipart_uploads(OUT)  # aborted, not left to bill
+    storage.write_streamed(fs, f"{root}/big.bin", lambda fh: fh.write(part * 2))
+    assert fs.cat_file(f"{root}/big.bin") == part * 2
+
+
 def test_anonymous_access_lists_a_public_bucket(s3):
     _upload_inputs(s3.fs())
     rows = list_inputs(load_config(None, {"input.uri": f"s3://{IN}/clips/", "output.uri": "unused",

@@ -319,7 +319,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_compact(args: argparse.Namespace) -> int:
     from videoindex import storage
-    from videoindex.format.compaction import compact
+    from videoindex.format.compaction import compact, read_manifest
     from videoindex.format.layout import JOB_FILE
 
     if args.min_shards < 1:
@@ -330,6 +330,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         raise FileNotFoundError(f"{args.output} has no {JOB_FILE}: not a videoindex output") from None
     embeddings = args.embeddings
+    if embeddings is None:  # as the last compaction was asked (a job's end, or this command), else the job's
+        last = read_manifest(fs, root)
+        embeddings = last.embeddings if last is not None and last.embeddings is not None else None
     if embeddings is None:
         embeddings = bool(record.get("config", {}).get("output", {}).get("compact_embeddings", True))
     result = compact(fs, root, min_shards=args.min_shards, embeddings=embeddings)

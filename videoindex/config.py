@@ -106,7 +106,8 @@ class OutputConfig:
     compact_min_shards: int = 64
     # Compaction also copies each clip's embedding (and the columns `query similar` returns) into a few
     # large files: a nearest-neighbour search then reads those instead of every shard's clips file, at
-    # the price of storing the embeddings twice. false: `similar` reads every clips file.
+    # the price of storing the embeddings twice. false: the next compaction drops the copies (`similar`
+    # reads every clips file) and the one after deletes them.
     compact_embeddings: bool = True
 
 

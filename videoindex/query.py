@@ -57,6 +57,7 @@ JOB_FILE = "_job.json"
 FORMATS = ("table", "csv", "json", "parquet")
 TERMINAL_ROWS = 100  # rows shown by --format table; the file formats write every row
 CLIP_COLUMNS = [c for c in EMBEDDINGS_COLUMNS if c != "embedding"]  # what search and similar return
+SIMILAR_VIEW = "_videoindex_similar_scan"  # registered for one `similar` query, then dropped
 SEARCH_FIRST_SHARDS = 16  # a bounded label search reads this many shards first, then twice as many each round
 
 
@@ -214,7 +215,8 @@ class Index:
         return self._con
 
     def relation(self, table: str) -> duckdb.DuckDBPyRelation:
-        self._schema(table)  # validates the name
+        if table not in layout.TABLES:
+            raise QueryError(f"unknown table {table!r}; tables: {', '.join(layout.TABLES)}")
         return self.duckdb().view(table)
 
     def _query(self, sql: str, params: list[Any] | None = None) -> pa.Table:
@@ -434,14 +436,19 @@ class Index:
         if clip_index is not None:
             params.append(int(clip_index))
         dim = int(self.model["embed_dim"])
-        # The compacted embeddings (a few large files) where they cover the shards: flat requests.
-        self.duckdb().register(EMBEDDINGS, self.dataset(EMBEDDINGS))
-        return self._query(
-            f"SELECT {', '.join(CLIP_COLUMNS)}, "
-            f"array_cosine_similarity(embedding, ?::FLOAT[{dim}])::DOUBLE AS similarity FROM {EMBEDDINGS} "
-            f"WHERE {exclude} ORDER BY similarity DESC, video_id, clip_index LIMIT {k}",
-            params,
-        )
+        # The compacted embeddings (a few large files) where they cover the shards: flat requests. A view
+        # for this query only: the caller's connection keeps just the three tables.
+        con = self.duckdb()
+        con.register(SIMILAR_VIEW, self.dataset(EMBEDDINGS))
+        try:
+            return self._query(
+                f"SELECT {', '.join(CLIP_COLUMNS)}, array_cosine_similarity(embedding, ?::FLOAT[{dim}])"
+                f"::DOUBLE AS similarity FROM {SIMILAR_VIEW} "
+                f"WHERE {exclude} ORDER BY similarity DESC, video_id, clip_index LIMIT {k}",
+                params,
+            )
+        finally:
+            con.unregister(SIMILAR_VIEW)
 
     @read_again_if_rewritten
     def errors(self) -> pa.Table:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -192,26 +191,34 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
 
 def write_streamed(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None]) -> None:
-    """Like ``write_bytes`` for an object too large to hold in memory: ``write(fh)`` writes it to a
-    local temporary file (on a local filesystem, the dot-prefixed sibling that is renamed into place),
-    which an object store then receives in one upload (a multipart upload is visible only once whole)."""
+    """Like ``write_bytes`` for an object too large to hold in memory: ``write(fh)`` streams it. On a
+    local filesystem into the dot-prefixed sibling that is renamed into place; on an object store as
+    one upload (multipart: the object appears only when it is whole; a failed write is discarded). Not
+    retried as a whole (``write`` may consume its input); the store's client retries each part."""
     head, name = path.rsplit("/", 1)
-    if is_local(fs):
-        fs.makedirs(head, exist_ok=True)
-        tmp = f"{head}/.{name}.tmp-{random.getrandbits(48):012x}"
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=".videoindex-", suffix=".parquet")
-        os.close(fd)
     try:
-        with open(tmp, "wb") as fh:
-            write(fh)
         if is_local(fs):
-            os.replace(tmp, path)
-        else:
-            with_retries(lambda: fs.put_file(tmp, path), what=f"upload {path}")
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+            fs.makedirs(head, exist_ok=True)
+            tmp = f"{head}/.{name}.tmp-{random.getrandbits(48):012x}"
+            try:
+                with open(tmp, "wb") as fh:
+                    write(fh)
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+            return
+        fh = fs.open(path, "wb")
+        try:
+            write(fh)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                getattr(fh, "discard", lambda: None)()  # abort the multipart upload: nothing appears
+                fh.closed = True  # and no close() at garbage collection uploads what was buffered
+            raise
+        fh.close()
+    except (FileNotFoundError, PermissionError) as exc:  # name the object: s3fs says only "Access Denied"
+        raise type(exc)(f"cannot write {fs.unstrip_protocol(path)}: {_reason(exc)}") from exc
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:

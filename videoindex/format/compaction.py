@@ -36,6 +36,7 @@ from __future__ import annotations
 import io
 import logging
 import secrets
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -64,8 +65,10 @@ EMBEDDINGS = "clip_embeddings"
 EMBEDDINGS_COLUMNS = ("uri", "video_id", "clip_index", "start_s", "end_s", "label", "score", "embedding")
 COMPACTED_TABLES = ("videos", "errors", BOUNDS, EMBEDDINGS)
 SOURCE_TABLE = {BOUNDS: "clips", EMBEDDINGS: "clips"}  # derived tables: the per-shard table they come from
-EMBEDDINGS_FILE_CLIPS = 131072  # ~200 MiB of 384-d embeddings a file: few requests, bounded memory
+EMBEDDINGS_FILE_CLIPS = 131072  # ~200 MiB of 384-d embeddings a file: few requests, a bounded re-copy
 EMBEDDINGS_ROW_GROUP = 16384
+EMBEDDINGS_KEY = b"videoindex.compact_embeddings"  # manifest metadata: what `videoindex compact` repeats
+TEMP_MAX_AGE_S = 3600  # a temporary file of ours this old, of an earlier sequence number, was left by a crash
 BOUNDS_ROW_GROUP = 8192  # rows sorted by label: a search reads its labels' row groups only
 SHARDS_PER_FILE = 4096  # one rewritten shard sends readers back to at most this many per-shard files
 MERGE_AFTER_FILES = 16  # a table with this many files not full yet: those are copied anew together
@@ -91,6 +94,7 @@ class Manifest:
     seq: int
     files: dict[str, dict[int, Commit]]  # file (relative to OUTPUT) -> {shard: commit copied}
     tables: dict[str, str]  # file -> table
+    embeddings: bool | None = None  # whether it was asked to copy the embeddings; None: written before 0.3
 
     def entries(self, files: Iterable[str]) -> list[dict[str, Any]]:
         return [
@@ -128,13 +132,14 @@ def _read_one(fs: fsspec.AbstractFileSystem, root: str, name: str) -> Manifest:
     # use_threads=False: a small table, and no Arrow pool work left running when a command exits (an
     # Arrow thread torn down mid-task aborts the interpreter: apache/arrow#39862).
     table = pq.read_table(io.BytesIO(data), columns=MANIFEST_SCHEMA.names, use_threads=False)
+    asked = (table.schema.metadata or {}).get(EMBEDDINGS_KEY)
     table = table.cast(MANIFEST_SCHEMA)
     files: dict[str, dict[int, Commit]] = {}
     tables: dict[str, str] = {}
     for row in table.to_pylist():
         files.setdefault(row["file"], {})[row["shard"]] = (row["version"], row["attempt"])
         tables[row["file"]] = row["table"]
-    return Manifest(_seq(name) or 0, files, tables)
+    return Manifest(_seq(name) or 0, files, tables, None if asked is None else asked == b"true")
 
 
 def read_manifest(
@@ -269,9 +274,10 @@ def compact(
     """Copy the small tables of committed shards not yet covered into new files, then write the manifest
     that names them (and every still-good file), then clean up. Does nothing while fewer than
     ``min_shards`` committed shards are uncovered. ``view``: the ledger as just read (a job's end), else
-    it is read here. ``embeddings``: copy the clip embeddings too (else earlier copies of them are
-    dropped). A shard rewritten while its files were being copied (they vanish) starts the copy again
-    from a fresh read of the ledger."""
+    it is read here. ``embeddings``: copy the clip embeddings too; without them, a manifest naming
+    earlier copies is replaced (whatever ``min_shards``) by one that does not, and the compaction after
+    that deletes their files. A shard rewritten while its files were being copied (they vanish) starts
+    the copy again from a fresh read of the ledger."""
     tables = compacted_tables(embeddings)
     for tries_left in range(COPY_TRIES - 1, -1, -1):
         try:
@@ -308,6 +314,20 @@ def _groups(table: str, shards: list[int], clips: dict[int, int]) -> list[list[i
     return groups
 
 
+def _clip_counts(
+    view: LedgerView, commits: dict[int, Commit], arrow_fs: pafs.FileSystem, root: str
+) -> dict[int, int]:
+    """Each committed shard's clips, from the ledger's counts; a shard whose commit has none (written
+    by hand or by an early version) is counted from its clips file's footer."""
+    counts = {s: view.state(s).counts.get("clips") for s in commits}
+    return {
+        s: int(n)
+        if n is not None
+        else pq.read_metadata(_shard_file(root, "clips", s, commits[s]), filesystem=arrow_fs).num_rows
+        for s, n in counts.items()
+    }
+
+
 def _compact_once(
     fs: fsspec.AbstractFileSystem,
     root: str,
@@ -317,12 +337,14 @@ def _compact_once(
 ) -> CompactionResult:
     view = view if view is not None else Ledger(fs, root).view()
     commits = view.committed_commits()
-    clips = {s: int(view.state(s).counts.get("clips", 0)) for s in commits}
+    arrow_fs = arrow_filesystem(fs)
+    clips = _clip_counts(view, commits, arrow_fs, root) if EMBEDDINGS in tables else {}
     existing = _manifest_names(fs, root)
     manifest = read_manifest(fs, root, existing)
     present = {table: _present(fs, root, table) for table in COMPACTED_TABLES}
-    keep = {t: _good_files(manifest, t, commits, present[t]) for t in tables}
-    for t, files in keep.items():  # many files not full yet (small compactions): copied anew together
+    good = {t: _good_files(manifest, t, commits, present[t]) for t in tables}
+    keep = dict(good)
+    for t, files in good.items():  # many files not full yet (small compactions): copied anew together
         full = [f for f in files if manifest is not None and _full(manifest, t, f, clips)]
         if len(files) - len(full) >= MERGE_AFTER_FILES:
             keep[t] = full
@@ -333,11 +355,13 @@ def _compact_once(
         for t in tables
     }
     uncovered = len(set().union(*pending.values()))
-    dropped = manifest is not None and any(t not in tables for t in manifest.tables.values())
-    if not dropped and (uncovered == 0 or uncovered < min_shards):
-        return CompactionResult(None, uncovered, 0, 0)
+    if uncovered == 0 or uncovered < min_shards:
+        # Too little to copy. Still a new manifest if the last one holds copies no longer wanted (the
+        # embeddings, after a compaction without them): it names the good files of the other tables.
+        if manifest is None or all(t in tables for t in manifest.tables.values()):
+            return CompactionResult(None, uncovered, 0, 0)
+        keep, pending = good, {t: [] for t in tables}
     seq = max([_seq(n) or 0 for n in existing], default=0) + 1
-    arrow_fs = arrow_filesystem(fs)
     rows = manifest.entries(f for t in tables for f in keep[t]) if manifest else []
     written = 0
     for table in tables:
@@ -348,8 +372,9 @@ def _compact_once(
             rows += [{"table": table, "file": name, "shard": s, "version": v, "attempt": a}
                      for s, (v, a) in shards.items()]  # fmt: skip
             written += 1
-    storage.write_bytes(fs, storage.join(root, MANIFESTS, f"{seq:08d}.parquet"),
-                        _parquet(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)))  # fmt: skip
+    asked = {EMBEDDINGS_KEY: b"true" if EMBEDDINGS in tables else b"false"}
+    entries = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA.with_metadata(asked))
+    storage.write_bytes(fs, storage.join(root, MANIFESTS, f"{seq:08d}.parquet"), _parquet(entries))
     log.info("compacted %d shards of %s into %d files (manifest %d)", uncovered, root, written, seq)
     # Manifests from the previous readable one on stay (with every file they name); with none readable,
     # every manifest there was stays.
@@ -427,6 +452,18 @@ def _label_bounds_of(arrow_fs: pafs.FileSystem, root: str, commits: dict[int, Co
     return bounds.sort_by([("label_id", "ascending"), ("max_score", "descending"), ("shard", "ascending")])
 
 
+def _stale_temp(fs: fsspec.AbstractFileSystem, path: str, name: str, seq: int) -> bool:
+    """A local temporary file of ours (``storage.write_bytes``/``write_streamed``: ``.{name}.tmp-...``)
+    of an earlier sequence number and TEMP_MAX_AGE_S old: left by a compaction that died while writing
+    (an embeddings file's is hundreds of MiB). A younger one may still be being written: kept."""
+    if not (name.startswith(".") and ".tmp-" in name and _below(name[1:].split(".tmp-", 1)[0], seq)):
+        return False
+    try:
+        return time.time() - float(fs.info(path)["mtime"]) > TEMP_MAX_AGE_S
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+
+
 def _clean_up(
     fs: fsspec.AbstractFileSystem, root: str, seq: int, keep_from: int, present: dict[str, set[str]]
 ) -> int:
@@ -451,6 +488,11 @@ def _clean_up(
                 storage.join(root, COMPACTED_DIR, table, n)
                 for n in names
                 if f"{COMPACTED_DIR}/{table}/{n}" not in named and _below(n, seq)
+            ]
+            doomed += [
+                path
+                for n in names
+                if _stale_temp(fs, path := storage.join(root, COMPACTED_DIR, table, n), n, seq)
             ]
     deleted = 0
     for path in doomed:
