@@ -84,13 +84,14 @@ IDLE_GAP_S = 2.5  # longer than Ray's idle_worker_killing_time_threshold_ms (1 s
 
 
 def _decode_after_idle_gaps(video: VideoTask) -> list[bool]:
-    """Warm one decode worker, then run three decode tasks, each after the workers sat idle IDLE_GAP_S;
-    returns whether each task started a new worker process."""
+    """Warm one decode worker (as a job's dispatcher does: with the settings, so it imports torch too),
+    then run three decode tasks, each after the workers sat idle IDLE_GAP_S; returns whether each task
+    was cold (a new worker process, or one without torch imported yet)."""
     import ray
 
     settings = DecodeSettings(sampling=SamplingConfig(), decode=DecodeConfig(), preprocess=PreprocessSpec())
     execution = ExecutionConfig()
-    ray.get(warm_decode_workers(execution, 1))
+    ray.get(warm_decode_workers(execution, 1, settings=settings))
     task = ray.remote(_decoded).options(**decode_task_options(execution))
     starts = []
     for _ in range(3):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,8 +61,9 @@ def decode_task(video: VideoTask, settings: DecodeSettings) -> Iterator[VideoEve
     """Every event of one video, as a worker process runs it."""
     global _VIDEOS_IN_THIS_PROCESS
     apply_decode_priority()
+    # Cold: a new worker, or one warmed without what this decode needs (torch, ~1 s to import).
+    cold = _VIDEOS_IN_THIS_PROCESS == 0 or (needs_torch(settings) and "torch" not in sys.modules)
     _one_torch_thread(settings)
-    cold = _VIDEOS_IN_THIS_PROCESS == 0
     _VIDEOS_IN_THIS_PROCESS += 1
     for event in decode_video(video, settings):
         yield dataclasses.replace(event, cold_start=cold) if isinstance(event, TERMINAL) else event
