@@ -94,7 +94,7 @@ class Manifest:
     seq: int
     files: dict[str, dict[int, Commit]]  # file (relative to OUTPUT) -> {shard: commit copied}
     tables: dict[str, str]  # file -> table
-    embeddings: bool | None = None  # whether it was asked to copy the embeddings; None: written before 0.3
+    embeddings: bool | None = None  # whether it was asked to copy the embeddings; None: an older manifest
 
     def entries(self, files: Iterable[str]) -> list[dict[str, Any]]:
         return [
