@@ -25,6 +25,7 @@ from videoindex.format.tables import stats_from_tables
 from videoindex.job.resume import failed_videos
 from videoindex.job.run import run_job
 from videoindex.query import open_index
+from videoindex.report import _neighbours
 
 
 def _rows(root: str | Path, *, compacted: bool = True) -> dict:
@@ -335,11 +336,20 @@ def test_similar_on_a_compacted_index_scans_few_files_for_the_same_answer(tmp_pa
             found = [idx.similar(v, k=9, clip_index=c).to_pylist() for v, c in queries]
             return found, [Path(f).relative_to(root).as_posix() for f in idx.dataset(EMBEDDINGS).files]
 
+    def neighbours(compacted: bool = True) -> list:  # the report's scan answers every query at once
+        with open_index(str(root)) as idx:
+            if not compacted:
+                idx.manifest = None
+            return _neighbours(idx, [(s, v, 0) for s, v in _shard_and_video(idx, ok[:3])], 5)
+
     before, files = answers()
     assert len(files) == 19 and all(f.startswith("clips/") for f in files)
+    report_before = neighbours()
+    assert len(report_before) == 3 and all(len(n["clips"]) == 6 for n in report_before)  # query + 5
     assert compact(fs, path).seq == 1
     after, files = answers()
     assert after == before
+    assert neighbours() == report_before
     manifest = read_manifest(fs, path)
     copies = sorted(f for f, table in manifest.tables.items() if table == EMBEDDINGS)
     assert sorted(files) == copies and all(f.startswith(f"{COMPACTED_DIR}/{EMBEDDINGS}/") for f in copies)
@@ -374,12 +384,29 @@ def test_similar_on_a_compacted_index_scans_few_files_for_the_same_answer(tmp_pa
     cut_by_clips(_groups_of(fs, path, EMBEDDINGS), 20)
     assert main(["compact", str(root)]) == 0  # as the last compaction was asked: with embeddings
     assert "nothing to compact" in capsys.readouterr().out
-    dropped = compact(fs, path, embeddings=False, min_shards=1000)  # nothing new, but copies to drop
-    assert dropped.seq == again.seq + 1 and dropped.files_written == 0
+    copies = _groups_of(fs, path, EMBEDDINGS)
+    capsys.readouterr()
+    # nothing new, but copies to drop: whatever --min-shards
+    assert main(["compact", str(root), "--no-embeddings", "--min-shards", "1000"]) == 0
+    assert f"no shard to copy; manifest {again.seq + 1} no longer names the embedding copies" in (
+        capsys.readouterr().out
+    )
+    assert all((root / f).exists() for f in copies)  # a reader of the manifest before may be reading them
+    assert main(["compact", str(root)]) == 0  # nothing to copy: the dropped copies are deleted all the same
+    assert "nothing to compact" in capsys.readouterr().out
+    assert not any((root / f).exists() for f in copies)
+    assert not list((root / COMPACTED_DIR / EMBEDDINGS).glob("*.parquet"))
     videos = _files_read(root, "videos")  # shards 0-18, then shard 19: named again, not copied
     assert not _groups_of(fs, path, EMBEDDINGS) and len(videos) == 2
     assert all(f.startswith(f"{COMPACTED_DIR}/videos/0000000") for f in videos)
     assert answers()[0] == answers(compacted=False)[0]
+
+
+def _shard_and_video(idx, video_ids: list[str]) -> list[tuple[int, str]]:
+    found = idx.sql(
+        f"SELECT shard, video_id FROM videos WHERE video_id IN ({', '.join(repr(v) for v in video_ids)})"
+    )
+    return sorted(zip(found["shard"].to_pylist(), found["video_id"].to_pylist(), strict=True))
 
 
 def _groups_of(fs, path: str, table: str) -> list[str]:

@@ -171,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     compact.add_argument("--min-shards", type=int, default=1, metavar="N",
                          help="do nothing while fewer than N committed shards are not compacted yet (default 1)")  # fmt: skip
     compact.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=None,
-                         help="copy the clip embeddings too, for `query similar` (default: the job's "
-                              "output.compact_embeddings)")  # fmt: skip
+                         help="copy the clip embeddings too, for `query similar` (default: as the last "
+                              "compaction did, else the job's output.compact_embeddings)")  # fmt: skip
     compact.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
 
     resume = sub.add_parser(
@@ -340,6 +340,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
         print(
             f"nothing to compact: {result.shards_pending} committed shards not compacted (--min-shards {args.min_shards})"
         )
+    elif result.files_written == 0:
+        print(f"no shard to copy; manifest {result.seq} no longer names the embedding copies (the next "
+              f"compaction deletes them); {result.files_deleted} superseded files deleted")  # fmt: skip
     else:
         print(f"compacted {result.shards_pending} shards into {result.files_written} files (manifest "
               f"{result.seq}); {result.files_deleted} superseded files deleted")  # fmt: skip

@@ -101,8 +101,9 @@ class OutputConfig:
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     clips_row_group_size: int = 8192
     thumbnails: bool = False  # store one small JPEG per clip (middle frame) in the clips table
-    # At a job's end, copy the videos and errors rows of committed shards into a few large files
-    # (format/compaction.py) once this many shards are not compacted yet; 0: never (`videoindex compact`).
+    # At a job's end, copy the videos and errors rows (and the clip embeddings, below) of committed shards
+    # into a few large files (format/compaction.py) once this many shards are not compacted yet; 0: never
+    # (`videoindex compact`).
     compact_min_shards: int = 64
     # Compaction also copies each clip's embedding (and the columns `query similar` returns) into a few
     # large files: a nearest-neighbour search then reads those instead of every shard's clips file, at

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 
 from videoindex.config import SECRET_KEY_PARTS, ConfigError, parse_storage_options
 from videoindex.format import schemas
+from videoindex.format.compaction import EMBEDDINGS
 from videoindex.format.thumbnails import thumbnail_jpeg
 from videoindex.query import (
     Index,
@@ -275,7 +276,8 @@ def _neighbours(index: Index, queries: list[Clip], k: int) -> list[dict[str, Any
     vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     best: list[list[tuple[float, Clip]]] = [[] for _ in queries]
     columns = ["shard", "video_id", "clip_index", "embedding"]
-    for batch in index.dataset("clips").to_batches(columns=columns, batch_size=65536):
+    # The compacted embeddings where they cover the shards (a few large files), else the clips files.
+    for batch in index.dataset(EMBEDDINGS).to_batches(columns=columns, batch_size=65536):
         if batch.num_rows == 0:
             continue
         emb = _matrix(batch.column("embedding"))

@@ -196,29 +196,33 @@ def write_streamed(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[An
     one upload (multipart: the object appears only when it is whole; a failed write is discarded). Not
     retried as a whole (``write`` may consume its input); the store's client retries each part."""
     head, name = path.rsplit("/", 1)
-    try:
-        if is_local(fs):
-            fs.makedirs(head, exist_ok=True)
-            tmp = f"{head}/.{name}.tmp-{random.getrandbits(48):012x}"
-            try:
-                with open(tmp, "wb") as fh:
-                    write(fh)
-                os.replace(tmp, path)
-            finally:
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-            return
-        fh = fs.open(path, "wb")
+
+    def named(step: Callable[[], T]) -> T:  # errors of the target (not of what ``write`` reads) named
         try:
-            write(fh)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                getattr(fh, "discard", lambda: None)()  # abort the multipart upload: nothing appears
-                fh.closed = True  # and no close() at garbage collection uploads what was buffered
-            raise
-        fh.close()
-    except (FileNotFoundError, PermissionError) as exc:  # name the object: s3fs says only "Access Denied"
-        raise type(exc)(f"cannot write {fs.unstrip_protocol(path)}: {_reason(exc)}") from exc
+            return step()
+        except (FileNotFoundError, PermissionError) as exc:  # s3fs says only "Access Denied"
+            raise type(exc)(f"cannot write {fs.unstrip_protocol(path)}: {_reason(exc)}") from exc
+
+    if is_local(fs):
+        named(lambda: fs.makedirs(head, exist_ok=True))
+        tmp = f"{head}/.{name}.tmp-{random.getrandbits(48):012x}"
+        try:
+            with named(lambda: open(tmp, "wb")) as fh:
+                write(fh)
+            named(lambda: os.replace(tmp, path))
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        return
+    fh = named(lambda: fs.open(path, "wb"))
+    try:
+        write(fh)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            getattr(fh, "discard", lambda: None)()  # abort the multipart upload: nothing appears
+            fh.closed = True  # and no close() at garbage collection uploads what was buffered
+        raise
+    named(fh.close)
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:

@@ -1,9 +1,10 @@
 """What runs in a decode worker process (a Ray task worker, or a local executor's worker process).
 
-It imports only what decoding needs (no Ray, no torch for PyAV), so a new worker starts in well under a
-second. ``decode_task`` is ``stages.decode.decode_video`` as a worker runs it: at idle CPU priority
-when asked (beside a CPU model), with ``cold_start`` set on the video's last event when it was the
-first video of the process (it paid the start-up). ``serve`` is the local executor's worker loop.
+It imports only what decoding needs (no Ray; torch only for the reference resize, ``decode.scale: rgb``
+or decord, not for PyAV's swscale). ``decode_task`` is ``stages.decode.decode_video`` as a worker runs
+it: at idle CPU priority when asked (beside a CPU model), with ``cold_start`` set on the video's last
+event when it was the first video of the process or the first to import torch there (it paid the
+start-up). ``warm_up`` pays it ahead. ``serve`` is the local executor's worker loop.
 """
 
 from __future__ import annotations

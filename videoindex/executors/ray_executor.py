@@ -139,7 +139,8 @@ class RayDecodeStreams:
     behind busy CPUs is not hung; Ray's state API tells them apart). Past it the worker is killed and the
     video fails as ``timeout``. A worker that dies is retried by Ray (a streaming task resumes after the
     events already consumed), then the video fails as ``decoder_crash``; Ray's memory monitor killing it
-    is ``out_of_memory``. ``cold_starts`` counts videos that were the first of a new worker process.
+    is ``out_of_memory``. ``cold_starts`` counts videos that were the first of a new worker process (or
+    the first to import torch in it).
     """
 
     def __init__(self, settings: DecodeSettings, execution: ExecutionConfig, *, idle_priority: bool,

@@ -314,6 +314,16 @@ def _groups(table: str, shards: list[int], clips: dict[int, int]) -> list[list[i
     return groups
 
 
+def _unnamed(manifest: Manifest, present: dict[str, set[str]]) -> bool:
+    """Compacted files at or below ``manifest``'s sequence number that it does not name: a compaction
+    with nothing to copy still deletes them (the copies a compaction without embeddings dropped)."""
+    return any(
+        f"{COMPACTED_DIR}/{table}/{name}" not in manifest.files and _below(name, manifest.seq + 1)
+        for table, names in present.items()
+        for name in names
+    )
+
+
 def _clip_counts(
     view: LedgerView, commits: dict[int, Commit], arrow_fs: pafs.FileSystem, root: str
 ) -> dict[int, int]:
@@ -359,7 +369,10 @@ def _compact_once(
         # Too little to copy. Still a new manifest if the last one holds copies no longer wanted (the
         # embeddings, after a compaction without them): it names the good files of the other tables.
         if manifest is None or all(t in tables for t in manifest.tables.values()):
-            return CompactionResult(None, uncovered, 0, 0)
+            deleted = 0
+            if manifest is not None and _unnamed(manifest, present):  # dropped copies, a crash's orphans
+                deleted = _clean_up(fs, root, manifest.seq + 1, manifest.seq, present)
+            return CompactionResult(None, uncovered, 0, deleted)
         keep, pending = good, {t: [] for t in tables}
     seq = max([_seq(n) or 0 for n in existing], default=0) + 1
     rows = manifest.entries(f for t in tables for f in keep[t]) if manifest else []
@@ -427,15 +440,16 @@ def _write_embeddings(
     scanner = files.dataset(arrow_fs, schema).scanner(batch_size=EMBEDDINGS_ROW_GROUP, use_threads=False)
 
     def write(fh: Any) -> None:
+        """Row groups of exactly EMBEDDINGS_ROW_GROUP rows (the last one shorter)."""
         with pq.ParquetWriter(fh, schema, compression="zstd", use_dictionary=["uri", "label"]) as writer:
-            pending: list[pa.RecordBatch] = []
+            pending = pa.Table.from_batches([], schema)
             for batch in scanner.to_batches():
-                pending.append(batch)
-                if sum(b.num_rows for b in pending) >= EMBEDDINGS_ROW_GROUP:
-                    writer.write_table(pa.Table.from_batches(pending, schema), EMBEDDINGS_ROW_GROUP)
-                    pending = []
-            if pending:
-                writer.write_table(pa.Table.from_batches(pending, schema), EMBEDDINGS_ROW_GROUP)
+                pending = pa.concat_tables([pending, pa.Table.from_batches([batch], schema)])
+                while pending.num_rows >= EMBEDDINGS_ROW_GROUP:
+                    writer.write_table(pending.slice(0, EMBEDDINGS_ROW_GROUP), EMBEDDINGS_ROW_GROUP)
+                    pending = pending.slice(EMBEDDINGS_ROW_GROUP)
+            if pending.num_rows:
+                writer.write_table(pending, EMBEDDINGS_ROW_GROUP)
 
     storage.write_streamed(fs, storage.join(root, name), write)
 

@@ -82,7 +82,7 @@ class VideoEnd:
     meta: VideoMeta
     recovered: tuple[DecodeError, ...] = ()  # non-fatal problems (decord -> PyAV fallback)
     decode_s: float = 0.0
-    cold_start: bool = False  # the first video of a new worker process (set by the executor)
+    cold_start: bool = False  # the first video of a new worker process, or the first to import torch there
 
 
 @dataclass(frozen=True)
