@@ -160,6 +160,27 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 5, base_dela
     raise AssertionError("unreachable")
 
 
+def _write_local(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None]) -> None:
+    """``write(fh)`` into a temporary sibling, renamed over ``path`` once whole (atomic)."""
+    head, name = path.rsplit("/", 1)
+    fs.makedirs(head, exist_ok=True)
+    # Dot-prefixed: dataset readers (pyarrow, DuckDB globs over *.parquet, Spark) skip it.
+    tmp = f"{head}/.{name}.tmp-{random.getrandbits(48):012x}"
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)  # atomic; fails on a folder in the way (fs.mv would move into it)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _cannot_write(fs: fsspec.AbstractFileSystem, path: str, exc: OSError) -> OSError:
+    """The error naming the object: s3fs says only "Access Denied"."""
+    return type(exc)(f"cannot write {fs.unstrip_protocol(path)}: {_reason(exc)}")
+
+
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a whole object so that no reader sees it half-written.
 
@@ -169,60 +190,48 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
     def _write() -> None:
         if is_local(fs):
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            head, name = path.rsplit("/", 1)
-            # Dot-prefixed: dataset readers (pyarrow, DuckDB globs over *.parquet, Spark) skip it.
-            tmp = f"{head}/.{name}.tmp-{random.getrandbits(48):012x}"
-            try:
-                with fs.open(tmp, "wb") as fh:
-                    fh.write(data)
-                os.replace(tmp, path)  # atomic; fails on a folder in the way (fs.mv would move into it)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-                raise
+            _write_local(fs, path, lambda fh: fh.write(data))
         else:
             fs.pipe_file(path, data)
 
     try:
         with_retries(_write, what=f"write {path}")
-    except (FileNotFoundError, PermissionError) as exc:  # name the object: s3fs says only "Access Denied"
-        raise type(exc)(f"cannot write {fs.unstrip_protocol(path)}: {_reason(exc)}") from exc
+    except (FileNotFoundError, PermissionError) as exc:
+        raise _cannot_write(fs, path, exc) from exc
 
 
 def write_streamed(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None]) -> None:
     """Like ``write_bytes`` for an object too large to hold in memory: ``write(fh)`` streams it. On a
     local filesystem into the dot-prefixed sibling that is renamed into place; on an object store as
     one upload (multipart: the object appears only when it is whole; a failed write is discarded). Not
-    retried as a whole (``write`` may consume its input); the store's client retries each part."""
-    head, name = path.rsplit("/", 1)
+    retried as a whole (``write`` may consume its input); the store's client retries each part. Errors
+    of the target are named as ``write_bytes`` names them; those of what ``write`` reads pass as they are."""
 
-    def named(step: Callable[[], T]) -> T:  # errors of the target (not of what ``write`` reads) named
-        try:
-            return step()
-        except (FileNotFoundError, PermissionError) as exc:  # s3fs says only "Access Denied"
-            raise type(exc)(f"cannot write {fs.unstrip_protocol(path)}: {_reason(exc)}") from exc
+    in_write = False  # an error raised while ``write`` runs is its own (a source it reads), not the target's
 
-    if is_local(fs):
-        named(lambda: fs.makedirs(head, exist_ok=True))
-        tmp = f"{head}/.{name}.tmp-{random.getrandbits(48):012x}"
-        try:
-            with named(lambda: open(tmp, "wb")) as fh:
-                write(fh)
-            named(lambda: os.replace(tmp, path))
-        finally:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-        return
-    fh = named(lambda: fs.open(path, "wb"))
-    try:
+    def writing(fh: Any) -> None:
+        nonlocal in_write
+        in_write = True
         write(fh)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            getattr(fh, "discard", lambda: None)()  # abort the multipart upload: nothing appears
-            fh.closed = True  # and no close() at garbage collection uploads what was buffered
-        raise
-    named(fh.close)
+        in_write = False
+
+    try:
+        if is_local(fs):
+            _write_local(fs, path, writing)
+            return
+        fh = fs.open(path, "wb")
+        try:
+            writing(fh)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                getattr(fh, "discard", lambda: None)()  # abort the multipart upload: nothing appears
+                fh.closed = True  # and no close() at garbage collection uploads what was buffered
+            raise
+        fh.close()
+    except (FileNotFoundError, PermissionError) as exc:
+        if in_write:
+            raise
+        raise _cannot_write(fs, path, exc) from exc
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
