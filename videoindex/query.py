@@ -49,7 +49,7 @@ from videoindex.format.compaction import (
 )
 from videoindex.format.errortypes import RETRYABLE_ERROR_TYPES
 from videoindex.format.jobrecord import generation_fields
-from videoindex.format.ledger import Ledger
+from videoindex.format.ledger import Ledger, committed_totals
 
 log = logging.getLogger(__name__)
 
@@ -250,10 +250,7 @@ class Index:
         counts = self.ledger.committed_counts()
         if labels_seen is None or len(counts) != len(self.committed):
             return None
-        total = {
-            key: int(sum(c.get(key, 0) for c in counts))
-            for key in ("videos", "videos_ok", "videos_error", "clips")
-        }
+        total, _ = committed_totals(counts)
         hours = sum(c.get("duration_s_ok", 0.0) for c in counts) / 3600.0
         return {**total, "hours": hours, "labels_seen": labels_seen}
 
