@@ -96,6 +96,10 @@ class Manifest:
     tables: dict[str, str]  # file -> table
     embeddings: bool | None = None  # whether it was asked to copy the embeddings; None: an older manifest
 
+    def shards_of(self, files: Iterable[str]) -> set[int]:
+        """The shards the given files hold."""
+        return {s for f in files for s in self.files[f]}
+
     def entries(self, files: Iterable[str]) -> list[dict[str, Any]]:
         return [
             {"table": self.tables[f], "file": f, "shard": s, "version": v, "attempt": a}
@@ -220,7 +224,7 @@ def committed_files(
     good: list[str] = []
     if manifest is not None and table in COMPACTED_TABLES:
         good = _good_files(manifest, table, commits, _present(fs, root, table))
-    covered = {s for f in good for s in manifest.files[f]} if good else set()
+    covered = manifest.shards_of(good) if manifest is not None else set()
     return TableFiles(
         compacted=tuple(storage.join(root, f) for f in good),
         shards=tuple(
@@ -244,7 +248,7 @@ def label_bounds(
     good = _good_files(manifest, BOUNDS, commits, _present(fs, root, BOUNDS))
     if not good:
         return {}, set()
-    covered = {s for f in good for s in manifest.files[f]}
+    covered = manifest.shards_of(good)
     dataset = ds.FileSystemDataset.from_paths(
         [storage.join(root, f) for f in good], schema=BOUNDS_SCHEMA, format=ds.ParquetFileFormat(),
         filesystem=arrow_filesystem(fs))  # fmt: skip
@@ -359,10 +363,7 @@ def _compact_once(
         if len(files) - len(full) >= MERGE_AFTER_FILES:
             keep[t] = full
     pending = {
-        t: sorted(set(commits) - {s for f in keep[t] for s in manifest.files[f]})
-        if manifest
-        else sorted(commits)
-        for t in tables
+        t: sorted(set(commits) - manifest.shards_of(keep[t])) if manifest else sorted(commits) for t in tables
     }
     uncovered = len(set().union(*pending.values()))
     if uncovered == 0 or uncovered < min_shards:
@@ -414,9 +415,9 @@ def _write_compacted(
         _write_embeddings(fs, root, arrow_fs, commits, name)
         return
     if table == BOUNDS:
-        data, row_group = _label_bounds_of(arrow_fs, root, commits), BOUNDS_ROW_GROUP
+        data, row_group = _label_bounds_of(fs, root, arrow_fs, commits), BOUNDS_ROW_GROUP
     else:
-        files = TableFiles((), tuple((s, _shard_file(root, table, s, c)) for s, c in commits.items()))
+        files = committed_files(fs, root, table, commits, None)
         schema = TABLE_SCHEMAS[table].append(pa.field("shard", pa.int32()))
         rows = files.dataset(arrow_fs, schema).to_table().sort_by("shard")
         with fs.open(files.shards[0][1], "rb") as fh:  # the per-shard files' metadata: model, label map
@@ -433,7 +434,7 @@ def _write_embeddings(
     fs: fsspec.AbstractFileSystem, root: str, arrow_fs: pafs.FileSystem, commits: dict[int, Commit], name: str
 ) -> None:
     """Stream the shards' embedding columns into one file (never the whole file in memory)."""
-    files = TableFiles((), tuple((s, _shard_file(root, EMBEDDINGS, s, c)) for s, c in commits.items()))
+    files = committed_files(fs, root, EMBEDDINGS, commits, None)  # the shards' clips files
     with fs.open(files.shards[0][1], "rb") as fh:  # types, model and label map: as the clips files have them
         source = pq.read_schema(fh)
     schema = embeddings_schema(source).with_metadata(source.metadata)
@@ -454,10 +455,12 @@ def _write_embeddings(
     storage.write_streamed(fs, storage.join(root, name), write)
 
 
-def _label_bounds_of(arrow_fs: pafs.FileSystem, root: str, commits: dict[int, Commit]) -> pa.Table:
+def _label_bounds_of(
+    fs: fsspec.AbstractFileSystem, root: str, arrow_fs: pafs.FileSystem, commits: dict[int, Commit]
+) -> pa.Table:
     """Per shard and clip label, the best clip score, sorted by label then best score (two columns of
     each clips file read)."""
-    files = TableFiles((), tuple((s, _shard_file(root, "clips", s, c)) for s, c in commits.items()))
+    files = committed_files(fs, root, BOUNDS, commits, None)  # the shards' clips files
     clips = files.dataset(arrow_fs, pa.schema([("label_id", pa.int32()), ("score", pa.float32()),
                                                ("shard", pa.int32())])).to_table()  # fmt: skip
     best = clips.group_by(["label_id", "shard"]).aggregate([("score", "max")])
