@@ -17,7 +17,7 @@ from typing import Any
 from videoindex.stages.video import open_video
 
 
-def open_faulty(uri: str, *, decoder: str, fs: Any, fallback_to_pyav: bool) -> Any:
+def open_faulty(uri: str, *, decoder: str, fs: Any, fallback_to_pyav: bool, **options: Any) -> Any:
     path = uri.removeprefix("file://")
     if os.path.exists(f"{path}.hang"):
         while True:
@@ -28,7 +28,7 @@ def open_faulty(uri: str, *, decoder: str, fs: Any, fallback_to_pyav: bool) -> A
         _hog(int(Path(f"{path}.hog").read_text()))
     if os.path.exists(f"{path}.slow"):
         time.sleep(float(Path(f"{path}.slow").read_text() or 1.0))
-    return open_video(uri, decoder=decoder, fs=fs, fallback_to_pyav=fallback_to_pyav)
+    return open_video(uri, decoder=decoder, fs=fs, fallback_to_pyav=fallback_to_pyav, **options)  # scale
 
 
 def _hog(mib: int) -> None:

@@ -14,7 +14,14 @@ def small_job_config(
     input_uri: str | Path, output: str | Path, model_dir: str | Path, **overrides: Any
 ) -> JobConfig:
     """A job on the tiny model: the local executor unless ``execution.executor`` says ray (its numbers fit
-    the 2-CPU test Ray: two actors plus a decode task)."""
+    the 2-CPU test Ray: two actors plus a decode task).
+
+    PyAV (and the tests' plug-ins over it) scale with swscale, so decode workers never import torch (about
+    2 s a worker on 2 cores); tests that compare pixels with the reference resize ask for
+    ``decode.scale: rgb``. Decode workers run at normal priority: at idle priority beside other tests'
+    processes they only wait."""
+    decoder = str(overrides.get("decode.decoder", "pyav"))
+    scale = "swscale" if decoder == "pyav" or decoder.startswith("tests.") else "rgb"
     return load_config(
         None,
         {
@@ -25,8 +32,10 @@ def small_job_config(
             "execution.batch_size": 4,
             "execution.actor_num_cpus": 0.5,
             "execution.decode_num_cpus": 0.5,
+            "execution.decode_idle_priority": False,
             "execution.progress": False,
             "execution.executor": "local",
+            "decode.scale": scale,
             **overrides,
         },
     )

@@ -116,10 +116,17 @@ def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Serve
     s3_server.reset()
 
 
+FAILURES = {  # FlakyProxy.mode -> (HTTP status, S3 error code, message)
+    "503": (503, "SlowDown", "Please reduce your request rate."),
+    "500": (500, "InternalError", "We encountered an internal error. Please try again."),
+}
+
+
 class FlakyProxy:
     """An HTTP proxy in front of an endpoint that fails the next ``fail`` requests, then forwards.
 
-    ``mode`` "503" answers S3's SlowDown error; "reset" closes the connection without an answer.
+    ``mode`` "503" answers S3's SlowDown error (retried by s3fs), "500" its InternalError (not retried by
+    s3fs: one request per failure), "reset" closes the connection without an answer.
     ``requests`` counts every request seen, failed or forwarded; ``log`` holds (method, path, body bytes
     sent back) of every forwarded request, so a test can count GETs and bytes read per object.
     """
@@ -176,9 +183,10 @@ class FlakyProxy:
                         self.close_connection = True
                         self.connection.shutdown(socket.SHUT_RDWR)
                         return
-                    error = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-                             b"<Message>Please reduce your request rate.</Message></Error>")  # fmt: skip
-                    self.send_response(503)
+                    status, code, message = FAILURES[proxy.mode]
+                    error = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                             f"<Message>{message}</Message></Error>").encode()  # fmt: skip
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(error)))
                     self.end_headers()

@@ -175,7 +175,8 @@ def test_driver_killed_then_resume(cluster, input_dir, tiny_model_dir_module, cl
            "--shard-size", "1", "--actors", "2", "--batch-size", "4", "--no-progress"]  # fmt: skip
     cfg = output.parent / "job.yaml"
     cfg.write_text(
-        f"decode: {{decoder: '{DECODER}'}}\nexecution: {{actor_num_cpus: 1, decode_num_cpus: 0.5, shards_per_actor: 1}}\n"
+        f"decode: {{decoder: '{DECODER}', scale: swscale}}\n"  # as _config (small_job_config)
+        "execution: {actor_num_cpus: 1, decode_num_cpus: 0.5, shards_per_actor: 1, decode_idle_priority: false}\n"
     )
     driver = subprocess.Popen([*cmd, "--config", str(cfg)], env=env, cwd=REPO)
     fs, root = storage.filesystem(str(output))
@@ -186,10 +187,12 @@ def test_driver_killed_then_resume(cluster, input_dir, tiny_model_dir_module, cl
     driver.wait(30)
     committed = Ledger(fs, root).view().committed()
     assert 1 <= len(committed) < VIDEOS, "the driver must die mid-job"
-    resume = subprocess.run(
-        [sys.executable, "-m", "videoindex.cli", "resume", str(output), "--no-progress"], env=env, cwd=REPO
-    )
+    resume = subprocess.run(  # console_main: Ray shut down, output flushed, os._exit
+        [sys.executable, "-m", "videoindex.cli", "resume", str(output), "--no-progress"], env=env, cwd=REPO,
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     assert resume.returncode == 0
+    assert resume.stdout.splitlines()[-1].startswith("  tables            "), resume.stdout
     assert table_hashes(output) == clean
     status = job_status(str(output))
     assert status["shards"]["committed"] == VIDEOS and status["shards"]["running"] == 0

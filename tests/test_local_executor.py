@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,26 @@ def test_hung_and_crashing_decoders_cost_only_their_videos(tiny_model_dir: Path,
                     retry_failed=True)  # fmt: skip
     assert again.exit_code == EXIT_OK
     assert table_hashes(out) == table_hashes(clean_out)
+
+
+@pytest.mark.parametrize("idle", [True, False])
+def test_local_decode_workers_run_at_the_priority_asked(sample_videos: Path, idle: bool) -> None:
+    """A CPU job's decode processes run at idle priority (they never preempt the model's threads), others
+    at the priority they started with; the tests' jobs ask for normal priority (tests/helpers.py)."""
+    from videoindex.config import DecodeConfig, InputConfig, SamplingConfig
+    from videoindex.executors.local import LocalDecodePool
+    from videoindex.format.plans import shard_tasks
+    from videoindex.stages import plan
+    from videoindex.stages.decode import DecodeSettings
+    from videoindex.stages.preprocess import PreprocessSpec
+
+    video = shard_tasks(plan.make_plan(plan.list_inputs(InputConfig(uri=str(sample_videos))), 10))[0]
+    settings = DecodeSettings(sampling=SamplingConfig(), decode=DecodeConfig(scale="swscale"),
+                              preprocess=PreprocessSpec())  # fmt: skip
+    pool = LocalDecodePool(settings, workers=1, timeout_s=120, idle_priority=idle)
+    try:
+        assert list(pool([video]))  # decoded; the worker is back in the pool
+        (worker,) = pool.idle
+        assert (os.sched_getscheduler(worker.process.pid) == os.SCHED_IDLE) is idle
+    finally:
+        pool.close()

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,19 @@ def _chromium_missing() -> str | None:
     )
 
 
-@pytest.fixture(scope="session")
-def browser(tmp_path_factory: pytest.TempPathFactory):
-    """Headless Chromium driven by selenium, with a fresh profile and console logs collected."""
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory, _ray_owner):
+    """Headless Chromium driven by selenium, with a fresh profile and console logs collected.
+
+    Chromium lives only while this module runs, and never beside the tests' Ray: once in about ten runs
+    (kernel 6.18, 2 cores) Chromium's zygotes hung in the kernel reaping their children (wait4 ->
+    release_task -> shrink_dcache_parent, SIGKILL ignored, a core each for good) while a raylet read /proc
+    every 100 ms. So the shared Ray is stopped first (the next Ray test starts it again, about 3 s), and
+    the quit is waited for a bounded time: a hung Chromium fails the teardown instead of the whole run.
+    """
     from selenium import webdriver
 
+    _ray_owner.stop()
     reason = _chromium_missing()
     if reason and os.environ.get("CI"):
         pytest.fail(f"CI runs the browser tests: {reason}")
@@ -64,7 +73,22 @@ def browser(tmp_path_factory: pytest.TempPathFactory):
     service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
     driver = webdriver.Chrome(options=options, service=service)
     yield driver
-    driver.quit()
+    _quit_within(driver, QUIT_TIMEOUT_S)
+
+
+QUIT_TIMEOUT_S = 60.0
+
+
+def _quit_within(driver: Any, seconds: float) -> None:
+    """driver.quit(), failing after ``seconds`` if Chromium has not ended (the quit goes on in a daemon
+    thread; the run is not held by it)."""
+    quitter = threading.Thread(target=driver.quit, name="chromium-quit", daemon=True)
+    quitter.start()
+    quitter.join(seconds)
+    if quitter.is_alive():
+        pytest.fail(
+            f"Chromium did not quit within {seconds:g} s (stuck processes: see the fixture's docstring)"
+        )
 
 
 def _run_index(tmp_path: Path, videos: Path, model_dir: Path, *, thumbnails: bool) -> Path:

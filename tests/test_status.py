@@ -36,7 +36,7 @@ def test_status_of_a_running_job_then_of_its_dead_driver_then_resumed(tiny_model
         shutil.copy(SAMPLES / "carphone_pristine.mp4", videos / f"v{i}.mp4")
         (videos / f"v{i}.mp4.slow").write_text("2.0")
     config = tmp_path / "job.yaml"
-    config.write_text(f"decode: {{decoder: 'tests.faulty_decoder:open_faulty'}}\n"
+    config.write_text(f"decode: {{decoder: 'tests.faulty_decoder:open_faulty', scale: swscale}}\n"
                       f"execution: {{heartbeat_s: {HEARTBEAT_S}, decode_workers: 1, checkpoint_every: 2}}\n")  # fmt: skip
     output = tmp_path / "out"
     argv = ["run", str(videos), str(output), "--model", str(tiny_model_dir), "--executor", "local", "--shard-size",

@@ -238,22 +238,26 @@ def test_update_killed_at_either_point_is_finished_by_resume(tiny_model_dir, tmp
     cmd = [sys.executable, "-m", "videoindex.cli", "run", str(folder), str(output), "--update", "--model",
            str(tiny_model_dir), "--shard-size", "2", "--clip-stride", "2", "--batch-size", "4",
            "--executor", "local", "--no-progress", "--config", str(tmp_path / "beat.yaml")]  # fmt: skip
-    (tmp_path / "beat.yaml").write_text("execution: {heartbeat_s: 0.5}\n")  # a dead driver shows in 1.5 s
+    (tmp_path / "beat.yaml").write_text(  # a dead driver shows in 1.5 s; decoding as small_job_config's
+        "execution: {heartbeat_s: 0.5, decode_idle_priority: false}\ndecode: {scale: swscale}\n"
+    )
     driver = subprocess.Popen(cmd, cwd=REPO, env=env)
     ledger = Ledger(fs, root)
 
-    def update_commits() -> int:
-        return sum((st.stats or {}).get("generation") == 2 for st in ledger.view().shards.values())
+    def update_commits() -> set[int]:
+        return {s for s, st in ledger.view().shards.items() if (st.stats or {}).get("generation") == 2}
 
-    wait_for(lambda: update_commits() >= 1)
+    wait_for(lambda: len(update_commits()) >= 1)
     driver.send_signal(signal.SIGKILL)
     driver.wait(30)
-    assert 1 <= update_commits() < 5
+    done = update_commits()
+    assert 1 <= len(done) < 5, done  # the update's 5 shards: 0-3 (one change each) and 5 (v9, new)
     wait_for(lambda: job_status(str(output))["job"]["state"] == "not running", timeout=30)
     status = job_status(str(output))
-    assert (
-        status["shards"]["committed"] < status["shards"]["total"] and status["shards"]["pending_update"] >= 1
-    )
+    shards = status["shards"]
+    assert shards["total"] - shards["committed"] == 5 - len(done)
+    # Waiting for the update: the changed shards still committed at generation 1, not the new shard 5.
+    assert shards["pending_update"] == 4 - len(done - {5})
     assert status["job"]["continue_with"] == f"videoindex resume {output}"
     assert main(resume) == 0
     assert run_job(_config(folder, tmp_path / "fresh2", tiny_model_dir)).exit_code == 0
