@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +16,10 @@ from videoindex.cli import main
 
 def _job_yaml(tmp_path):
     path = tmp_path / "job.yaml"
-    path.write_text("execution: {actor_num_cpus: 0.5, decode_num_cpus: 0.5}\noutput: {shard_size: 1}\n")
+    path.write_text(  # decode workers without torch, at normal priority (as tests/helpers.py's jobs)
+        "execution: {actor_num_cpus: 0.5, decode_num_cpus: 0.5, decode_idle_priority: false}\n"
+        "output: {shard_size: 1}\ndecode: {scale: swscale}\n"
+    )
     return str(path)
 
 
@@ -112,3 +120,39 @@ def test_rerun_flag_reindexes_committed_shards_into_the_same_bytes(
     assert main([*argv, "--rerun"]) == 0  # every shard again, its files overwritten with the same bytes
     assert len(sorted((out / "_ledger").rglob("*started*"))) == 2 * len(markers)
     assert table_hashes(out) == first
+
+
+@pytest.mark.parametrize("code", [0, 1, 2])
+def test_console_main_after_ray_exits_with_mains_code_and_all_output(tmp_path, code):
+    """After a job on Ray the command shuts Ray down and ends with os._exit: main's exit code and every
+    buffered line (stdout is a pipe, so block-buffered: PYTHONUNBUFFERED removed) must survive. A stand-in
+    ``ray`` module (it only says it is initialized) keeps this a test of the exit, not of Ray; the real Ray
+    path is test_faults' CLI resume."""
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "__init__.py").write_text(
+        textwrap.dedent(f"""
+        def is_initialized():
+            return True
+        def shutdown():
+            open({str(tmp_path / "shutdown")!r}, "w").close()
+    """)
+    )
+    script = textwrap.dedent(f"""
+        import logging, sys
+        import ray
+        import videoindex.cli as cli
+        def main():
+            for i in range(20000):
+                print(f"line {{i}}")
+            logging.getLogger("videoindex").warning("last words")
+            return {code}
+        cli.main = main
+        cli.console_main()
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])])
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == code, done.stderr
+    assert done.stdout.splitlines() == [f"line {i}" for i in range(20000)]
+    assert "last words" in done.stderr
+    assert (tmp_path / "shutdown").exists()

@@ -17,6 +17,7 @@ from tests.helpers import small_job_config, table_hashes, videos_by_name
 from videoindex.config import DecodeConfig, ExecutionConfig, InputConfig, SamplingConfig
 from videoindex.executors.decode_worker import decode_task
 from videoindex.executors.ray_executor import (
+    decode_slots,
     decode_task_options,
     ray_system_config,
     warm_decode_workers,
@@ -24,6 +25,7 @@ from videoindex.executors.ray_executor import (
 )
 from videoindex.format.plans import VideoTask, shard_tasks
 from videoindex.job.run import EXIT_VIDEOS_FAILED, run_job
+from videoindex.job.sizing import ExecutionSplit
 from videoindex.memory import DECODE_WORKER_ENV
 from videoindex.stages import plan
 from videoindex.stages.decode import TERMINAL, DecodeSettings, VideoEnd
@@ -34,14 +36,15 @@ pytestmark = pytest.mark.ray
 
 def test_ray_and_local_executors_write_the_same_bytes(ray_session, tiny_model_dir, sample_videos, tmp_path):
     """Two videos of several chunks each, a bad file, thumbnails: the Ray executor's tables are the
-    local executor's, byte for byte, and both count the same videos and clips."""
+    local executor's, byte for byte, and both count the same videos and clips. With the reference resize
+    (torch in the decode workers of both), not the tests' usual swscale."""
     (sample_videos / "notes.mp4").write_text("not a video\n" * 20)
     results, hashes = {}, {}
     for executor in ("ray", "local"):
         output = tmp_path / executor
         config = small_job_config(sample_videos, output, tiny_model_dir, **{
             "execution.executor": executor, "decode.chunk_clips": 2, "sampling.clip_stride": 2,
-            "output.thumbnails": True})  # fmt: skip
+            "output.thumbnails": True, "decode.scale": "rgb"})  # fmt: skip
         results[executor] = run_job(config)
         hashes[executor] = table_hashes(output)
     assert results["ray"].exit_code == results["local"].exit_code == EXIT_VIDEOS_FAILED
@@ -217,6 +220,19 @@ def test_raised_soft_limit_starts_extra_workers_for_queued_tasks(own_ray):
     del config["idle_worker_killing_time_threshold_ms"]
     ray = own_ray(address="local", num_cpus=2, include_dashboard=False, _system_config=config)
     assert _extra_workers_for_queued_tasks(ray) >= 1
+
+
+def test_decode_slots_never_exceed_the_videos_to_decode():
+    """Free CPUs, the actors' decode tasks in flight and the videos left each cap the warm decode workers: a
+    1-video job warms one worker, not one per free slot (each warm-up imports the decoders beside the
+    actors' model loading)."""
+    execution = ExecutionConfig(decode_num_cpus=0.25, shards_per_actor=2, decode_in_flight=2)
+    split = ExecutionSplit(actors=1, num_gpus=0, num_cpus=1.0, batch_size=1, torch_threads=1)
+    assert decode_slots(split, execution, cluster_cpus=2, videos=1000) == 4  # by the 1 free CPU
+    assert decode_slots(split, execution, cluster_cpus=16, videos=1000) == 4  # by 2 shards x 2 in flight
+    assert decode_slots(split, execution, cluster_cpus=16, videos=3) == 3
+    assert decode_slots(split, execution, cluster_cpus=16, videos=1) == 1
+    assert decode_slots(split, execution, cluster_cpus=1, videos=5) == 0  # no CPU left beside the actor
 
 
 def test_cold_start_warning(caplog):

@@ -9,9 +9,11 @@ Exit codes (every subcommand):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 from importlib import resources
 from typing import Any
@@ -409,5 +411,25 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def console_main() -> None:
+    """The `videoindex` command (console script, ``python -m videoindex.cli``): main(), then a quick exit.
+
+    After a job on Ray, the interpreter's own exit (Ray's atexit shutdown, then finalizing torch, Ray and
+    their threads) takes 0.5-1.0 s on 2 cores (benchmarks/bench_fixed_cost.py, row "ray, teardown"). Here
+    Ray is shut down, logs and output are flushed, and the process ends at once. Python callers of main()
+    keep the usual exit.
+    """
+    code = main()
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        sys.exit(code)
+    ray.shutdown()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing left to save
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

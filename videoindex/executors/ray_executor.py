@@ -67,11 +67,13 @@ def _warm_up_held(settings: DecodeSettings | None = None) -> int:
     return pid
 
 
-def decode_slots(split: ExecutionSplit, execution: ExecutionConfig, cluster_cpus: float) -> int:
-    """Decode tasks that can run at once beside the actors, capped by how many the actors keep in flight."""
+def decode_slots(split: ExecutionSplit, execution: ExecutionConfig, cluster_cpus: float, videos: int) -> int:
+    """Decode tasks that can run at once beside the actors, capped by how many the actors keep in flight
+    and by the videos left to decode: each warm worker imports the decoders (and torch) beside the actors'
+    model loading, which a 1-video job on 2 cores pays about 2 s for when it warms a worker it never uses."""
     free = max(0.0, cluster_cpus - split.actors * split.num_cpus)
     most = split.actors * execution.shards_per_actor * execution.decode_in_flight
-    return min(int(free / execution.decode_num_cpus + 1e-9), most)
+    return min(int(free / execution.decode_num_cpus + 1e-9), most, max(videos, 1))
 
 
 class _Metrics:
@@ -361,7 +363,8 @@ class _Dispatcher:
         )
         self.actors = [actor_cls.remote(context, split) for _ in range(split.actors)]
         # Decode workers start (and import the decoders) while the actors load their model.
-        slots = decode_slots(split, context.config.execution, ray.cluster_resources().get("CPU", 0))
+        videos = sum(len(work.videos) for work in queue.pending)
+        slots = decode_slots(split, context.config.execution, ray.cluster_resources().get("CPU", 0), videos)
         self.warm_ups = warm_decode_workers(
             context.config.execution,
             slots,
