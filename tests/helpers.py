@@ -41,6 +41,17 @@ def small_job_config(
     )
 
 
+def cli_job_yaml(path: Path, execution: str = "", sections: str = "") -> str:
+    """A job YAML at ``path`` giving a CLI run small_job_config's decoding (swscale, decode workers at
+    normal priority): an output written by one and updated by the other must agree on decode.scale.
+    ``execution``: more keys of the execution section ("heartbeat_s: 0.5"); ``sections``: more YAML."""
+    more = f", {execution}" if execution else ""
+    path.write_text(
+        f"decode: {{scale: swscale}}\nexecution: {{decode_idle_priority: false{more}}}\n{sections}"
+    )
+    return str(path)
+
+
 def table_hashes(output: Path) -> dict[str, str]:
     """sha256 of each shard's Parquet file of the clips, videos and errors tables, by table and shard (a
     rewrite names its files by version); a second file in a shard's folder fails the test."""

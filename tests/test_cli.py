@@ -11,16 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import cli_job_yaml
 from videoindex.cli import main
 
 
 def _job_yaml(tmp_path):
-    path = tmp_path / "job.yaml"
-    path.write_text(  # decode workers without torch, at normal priority (as tests/helpers.py's jobs)
-        "execution: {actor_num_cpus: 0.5, decode_num_cpus: 0.5, decode_idle_priority: false}\n"
-        "output: {shard_size: 1}\ndecode: {scale: swscale}\n"
+    return cli_job_yaml(
+        tmp_path / "job.yaml", "actor_num_cpus: 0.5, decode_num_cpus: 0.5", "output: {shard_size: 1}\n"
     )
-    return str(path)
 
 
 @pytest.mark.ray

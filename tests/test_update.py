@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from tests.helpers import small_job_config, wait_for
+from tests.helpers import cli_job_yaml, small_job_config, wait_for
 from tests.videogen import write_index_video
 from videoindex import storage
 from videoindex.cli import main
@@ -107,7 +107,8 @@ def test_update_indexes_only_what_changed_and_equals_a_fresh_index(tiny_model_di
     e_row = next(r for r in _rows(output)["videos"] if r["uri"].endswith("e.mp4"))
 
     code = main(["run", str(folder), str(output), "--model", str(tiny_model_dir), "--shard-size", "2",
-                 "--clip-stride", "2", "--batch-size", "4", "--executor", "local", "--no-progress", "--update"])  # fmt: skip
+                 "--clip-stride", "2", "--batch-size", "4", "--executor", "local", "--no-progress", "--update",
+                 "--config", cli_job_yaml(tmp_path / "job.yaml")])  # fmt: skip
     printed = capsys.readouterr().out
     assert code == 1, printed
     assert "generation 1: 2 new, 1 changed, 1 deleted, 3 unchanged" in printed
@@ -140,7 +141,8 @@ def test_update_indexes_only_what_changed_and_equals_a_fresh_index(tiny_model_di
 
     before = _files(output)  # nothing changed: nothing written, and it says so
     code = main(["run", str(folder), str(output), "--model", str(tiny_model_dir), "--shard-size", "2",
-                 "--clip-stride", "2", "--batch-size", "4", "--executor", "local", "--no-progress", "--update"])  # fmt: skip
+                 "--clip-stride", "2", "--batch-size", "4", "--executor", "local", "--no-progress", "--update",
+                 "--config", cli_job_yaml(tmp_path / "job.yaml")])  # fmt: skip
     assert "nothing changed since generation 1: nothing written" in capsys.readouterr().out
     assert code == 1  # the index still holds e.mp4's error
     assert _files(output) == before
@@ -238,9 +240,7 @@ def test_update_killed_at_either_point_is_finished_by_resume(tiny_model_dir, tmp
     cmd = [sys.executable, "-m", "videoindex.cli", "run", str(folder), str(output), "--update", "--model",
            str(tiny_model_dir), "--shard-size", "2", "--clip-stride", "2", "--batch-size", "4",
            "--executor", "local", "--no-progress", "--config", str(tmp_path / "beat.yaml")]  # fmt: skip
-    (tmp_path / "beat.yaml").write_text(  # a dead driver shows in 1.5 s; decoding as small_job_config's
-        "execution: {heartbeat_s: 0.5, decode_idle_priority: false}\ndecode: {scale: swscale}\n"
-    )
+    cli_job_yaml(tmp_path / "beat.yaml", "heartbeat_s: 0.5")  # a dead driver shows in 1.5 s
     driver = subprocess.Popen(cmd, cwd=REPO, env=env)
     ledger = Ledger(fs, root)
 
