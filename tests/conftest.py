@@ -24,6 +24,43 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SUITE_WATCHDOG_S = float(os.environ.get("VIDEOINDEX_TEST_WATCHDOG_S", 45 * 60))
 
 
+# Run in one worker under pytest-xdist (``-n 2``), in collection order: every test that starts a Ray, then
+# the browser tests (whose fixture stops the Ray first). Two Rays on 2 cores starve each other, and
+# Chromium must never run beside a Ray (tests/test_report.py: browser). Prefixes of node ids, because
+# xdist's scheduler sees only those; the collection check below keeps them in step with the markers.
+ONE_WORKER = (
+    "tests/test_cli.py::test_run_then_status",
+    "tests/test_faults.py::",
+    "tests/test_ray_executor.py::",
+    "tests/test_report.py::test_report_in_browser",
+    "tests/test_s3.py::test_s3_to_s3",
+    "tests/test_submit.py::",
+)
+ONE_WORKER_MARKS = ("ray", "multinode", "browser")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    stray = [item.nodeid for item in items
+             if any(item.get_closest_marker(m) for m in ONE_WORKER_MARKS) and not item.nodeid.startswith(ONE_WORKER)]  # fmt: skip
+    if stray:
+        raise pytest.UsageError(f"tests marked {'/'.join(ONE_WORKER_MARKS)} must be in tests/conftest.py "
+                                f"ONE_WORKER: {', '.join(stray)}")  # fmt: skip
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """With ``-n N`` (xdist's default "load"): the ONE_WORKER tests as one unit, every other test alone."""
+    if config.getoption("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerForRay(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "one worker: Ray, then the browser" if nodeid.startswith(ONE_WORKER) else nodeid
+
+    return OneWorkerForRay(config, log)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # fd 2 is the terminal here (pytest suspends its capture before configure); a dup outlives capture.
     faulthandler.dump_traceback_later(SUITE_WATCHDOG_S, exit=True, file=os.dup(2))
