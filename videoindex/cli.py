@@ -415,7 +415,7 @@ def console_main() -> None:
     """The `videoindex` command (console script, ``python -m videoindex.cli``): main(), then a quick exit.
 
     After a job on Ray, the interpreter's own exit (Ray's atexit shutdown, then finalizing torch, Ray and
-    their threads) takes 0.5-1.0 s on 2 cores (benchmarks/bench_fixed_cost.py, row "ray, teardown"). Here
+    their threads) takes 0.6-1.6 s on 2 cores (benchmarks/bench_fixed_cost.py, row "ray, teardown"). Here
     Ray is shut down, logs and output are flushed, and the process ends at once. Python callers of main()
     keep the usual exit.
     """

@@ -196,8 +196,7 @@ class LocalExecutor:
             context.config, cpus=os.cpu_count() or 1, cuda=cuda_available(context.config.model)
         )
         log.info("local execution: %s", split)
-        videos = sum(len(work.videos) for work in queue.pending)
-        pool = LocalDecodePool(context.settings, workers=min(split.decode_slots, max(videos, 1)),
+        pool = LocalDecodePool(context.settings, workers=min(split.decode_slots, max(context.videos, 1)),
                                timeout_s=context.config.decode.timeout_s, idle_priority=split.decode_idle_priority)  # fmt: skip
         model = ModelThread(lambda: VideoClassifier(context.model, context.config.model), split.torch_threads)
         where = {"node": socket.gethostname(), "actor": "local", "pid": os.getpid()}

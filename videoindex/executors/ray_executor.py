@@ -363,8 +363,8 @@ class _Dispatcher:
         )
         self.actors = [actor_cls.remote(context, split) for _ in range(split.actors)]
         # Decode workers start (and import the decoders) while the actors load their model.
-        videos = sum(len(work.videos) for work in queue.pending)
-        slots = decode_slots(split, context.config.execution, ray.cluster_resources().get("CPU", 0), videos)
+        slots = decode_slots(split, context.config.execution, ray.cluster_resources().get("CPU", 0),
+                             context.videos)  # fmt: skip
         self.warm_ups = warm_decode_workers(
             context.config.execution,
             slots,

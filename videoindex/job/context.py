@@ -20,7 +20,7 @@ class JobContext:
     model: ModelInfo
     settings: DecodeSettings
     output_uri: str
-    videos: int  # planned
+    videos: int  # to decode in this run (a retry of failed videos: only those)
     shards: int  # planned
 
 
