@@ -41,14 +41,14 @@ def small_job_config(
     )
 
 
-def cli_job_yaml(path: Path, execution: str = "", sections: str = "") -> str:
+def cli_job_yaml(path: Path, execution: str = "", sections: str = "", *, decode: str = "") -> str:
     """A job YAML at ``path`` giving a CLI run small_job_config's decoding (swscale, decode workers at
     normal priority): an output written by one and updated by the other must agree on decode.scale.
-    ``execution``: more keys of the execution section ("heartbeat_s: 0.5"); ``sections``: more YAML."""
-    more = f", {execution}" if execution else ""
-    path.write_text(
-        f"decode: {{scale: swscale}}\nexecution: {{decode_idle_priority: false{more}}}\n{sections}"
-    )
+    ``execution`` and ``decode``: more keys of those sections ("heartbeat_s: 0.5"); ``sections``: more
+    YAML."""
+    execution, decode = (f", {keys}" if keys else "" for keys in (execution, decode))
+    path.write_text(f"decode: {{scale: swscale{decode}}}\n"
+                    f"execution: {{decode_idle_priority: false{execution}}}\n{sections}")  # fmt: skip
     return str(path)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SAMPLES
-from tests.helpers import small_job_config, table_hashes, videos_by_name
+from tests.helpers import cli_job_yaml, small_job_config, table_hashes, videos_by_name
 from videoindex import storage
 from videoindex.format.ledger import Ledger
 from videoindex.job.run import run_job
@@ -173,12 +173,9 @@ def test_driver_killed_then_resume(cluster, input_dir, tiny_model_dir_module, cl
     env = {**os.environ, "RAY_ADDRESS": c.address, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "videoindex.cli", "run", str(input_dir), str(output), "--model", str(tiny_model_dir_module),
            "--shard-size", "1", "--actors", "2", "--batch-size", "4", "--no-progress"]  # fmt: skip
-    cfg = output.parent / "job.yaml"
-    cfg.write_text(
-        f"decode: {{decoder: '{DECODER}', scale: swscale}}\n"  # as _config (small_job_config)
-        "execution: {actor_num_cpus: 1, decode_num_cpus: 0.5, shards_per_actor: 1, decode_idle_priority: false}\n"
-    )
-    driver = subprocess.Popen([*cmd, "--config", str(cfg)], env=env, cwd=REPO)
+    cfg = cli_job_yaml(output.parent / "job.yaml", "actor_num_cpus: 1, decode_num_cpus: 0.5, shards_per_actor: 1",
+                       decode=f"decoder: '{DECODER}'")  # as _config (small_job_config)  # fmt: skip
+    driver = subprocess.Popen([*cmd, "--config", cfg], env=env, cwd=REPO)
     fs, root = storage.filesystem(str(output))
     deadline = time.time() + 120
     while time.time() < deadline and len(Ledger(fs, root).view().committed()) < 1:

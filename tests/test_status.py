@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import REPO, SAMPLES
-from tests.helpers import table_hashes, wait_for
+from tests.helpers import cli_job_yaml, table_hashes, wait_for
 from videoindex.cli import main
 from videoindex.status import job_status
 
@@ -35,9 +35,8 @@ def test_status_of_a_running_job_then_of_its_dead_driver_then_resumed(tiny_model
     for i in range(4):
         shutil.copy(SAMPLES / "carphone_pristine.mp4", videos / f"v{i}.mp4")
         (videos / f"v{i}.mp4.slow").write_text("2.0")
-    config = tmp_path / "job.yaml"
-    config.write_text(f"decode: {{decoder: 'tests.faulty_decoder:open_faulty', scale: swscale}}\n"
-                      f"execution: {{heartbeat_s: {HEARTBEAT_S}, decode_workers: 1, checkpoint_every: 2}}\n")  # fmt: skip
+    config = cli_job_yaml(tmp_path / "job.yaml", f"heartbeat_s: {HEARTBEAT_S}, decode_workers: 1, checkpoint_every: 2",
+                          decode="decoder: 'tests.faulty_decoder:open_faulty'")  # fmt: skip
     output = tmp_path / "out"
     argv = ["run", str(videos), str(output), "--model", str(tiny_model_dir), "--executor", "local", "--shard-size",
             "1", "--config", str(config), "--no-progress"]  # fmt: skip
