@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,33 @@ def videos_by_name(output: Path) -> dict[str, dict[str, Any]]:
     by_name = {Path(row["uri"]).name: row for row in rows}
     assert len(by_name) == len(rows), f"duplicate videos rows: {sorted(Path(r['uri']).name for r in rows)}"
     return by_name
+
+
+def run_job_in_thread(config: JobConfig) -> tuple[threading.Thread, dict[str, Any]]:
+    """run_job(config) in a daemon thread; its result lands in the returned dict under "result"."""
+    from videoindex.job.run import run_job
+
+    box: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: box.update(result=run_job(config)), daemon=True)
+    thread.start()
+    return thread, box
+
+
+def wait_shard_started(
+    output: Path, *, timeout: float = 120, nodes: set[str] | None = None
+) -> dict[str, Any]:
+    """The started record of a shard attempt that is running (on one of ``nodes``), from the ledger."""
+    from videoindex import storage
+    from videoindex.format.ledger import Ledger
+
+    fs, root = storage.filesystem(str(output))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for shard, state in Ledger(fs, root).view().running().items():
+            if nodes is None or state.running.get("node") in nodes:
+                return {**state.running, "shard": shard}
+        time.sleep(0.2)
+    raise AssertionError("no shard started in time")
 
 
 def wait_for(condition, *, timeout: float = 120.0, every: float = 0.2):

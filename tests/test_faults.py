@@ -12,14 +12,21 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, SAMPLES
-from tests.helpers import cli_job_yaml, small_job_config, table_hashes, videos_by_name
+from tests.helpers import (
+    cli_job_yaml,
+    run_job_in_thread,
+    small_job_config,
+    table_hashes,
+    videos_by_name,
+    wait_shard_started,
+)
 from videoindex import storage
 from videoindex.format.ledger import Ledger
 from videoindex.job.run import run_job
@@ -63,8 +70,19 @@ def input_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("faults-in")
     for i in range(VIDEOS):
         shutil.copy(SAMPLES / "carphone_pristine.mp4", folder / f"video-{i}.mp4")
-        (folder / f"video-{i}.mp4.slow").write_text("1.0")  # each video decodes in >= 1 s
     return folder
+
+
+@pytest.fixture()
+def slow_videos(input_dir, clean) -> Iterator[None]:
+    """Each video decodes in >= 1 s while the test runs, so that it can kill things mid-shard (after the
+    clean run, which needs no such wait)."""
+    markers = [input_dir / f"video-{i}.mp4.slow" for i in range(VIDEOS)]
+    for marker in markers:
+        marker.write_text("1.0")
+    yield
+    for marker in markers:
+        marker.unlink()
 
 
 @pytest.fixture(scope="module")
@@ -86,29 +104,10 @@ def tiny_model_dir_module(tmp_path_factory):
     return make_tiny_videomae(tmp_path_factory.mktemp("tiny-faults"))
 
 
-def _run_in_thread(config) -> tuple[threading.Thread, dict]:
-    box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(result=run_job(config)), daemon=True)
-    thread.start()
-    return thread, box
-
-
-def _wait_started(output: Path, *, timeout: float = 120, nodes: set[str] | None = None) -> dict:
-    """The started record of a shard attempt that is running (on one of ``nodes``), from the ledger."""
-    fs, root = storage.filesystem(str(output))
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for shard, state in Ledger(fs, root).view().running().items():
-            if nodes is None or state.running.get("node") in nodes:
-                return {**state.running, "shard": shard}
-        time.sleep(0.2)
-    raise AssertionError("no shard started in time")
-
-
-def test_actor_killed_mid_shard(cluster, input_dir, tiny_model_dir_module, clean, tmp_path):
+def test_actor_killed_mid_shard(cluster, input_dir, slow_videos, tiny_model_dir_module, clean, tmp_path):
     output = tmp_path / "out"
-    thread, box = _run_in_thread(_config(input_dir, output, tiny_model_dir_module))
-    record = _wait_started(output)
+    thread, box = run_job_in_thread(_config(input_dir, output, tiny_model_dir_module))
+    record = wait_shard_started(output)
     os.kill(record["pid"], signal.SIGKILL)
     thread.join(300)
     assert box["result"].exit_code == 0
@@ -122,12 +121,12 @@ def test_actor_killed_mid_shard(cluster, input_dir, tiny_model_dir_module, clean
     assert [f["shard"] for f in status["failures"]] == [record["shard"]], status["failures"]
 
 
-def test_worker_node_removed(cluster, input_dir, tiny_model_dir_module, clean, tmp_path):
+def test_worker_node_removed(cluster, input_dir, slow_videos, tiny_model_dir_module, clean, tmp_path):
     c, workers = cluster
     output = tmp_path / "out"
-    thread, box = _run_in_thread(_config(input_dir, output, tiny_model_dir_module))
+    thread, box = run_job_in_thread(_config(input_dir, output, tiny_model_dir_module))
     # Ray may place one of the two actors on the head (1 CPU): wait for a shard running on a worker node.
-    record = _wait_started(output, nodes={n.node_id for n in workers})
+    record = wait_shard_started(output, nodes={n.node_id for n in workers})
     victim = next(n for n in workers if n.node_id == record["node"])
     c.remove_node(victim)
     thread.join(300)
@@ -143,7 +142,7 @@ def test_hanging_and_crashing_decoder_then_retry_failed(
 ):
 
     output = tmp_path / "out"
-    config = _config(input_dir, output, tiny_model_dir_module, **{"decode.timeout_s": 8})
+    config = _config(input_dir, output, tiny_model_dir_module, **{"decode.timeout_s": 5})
     hang, crash = input_dir / "video-1.mp4.hang", input_dir / "video-2.mp4.crash"
     hang.write_text("")
     crash.write_text("")
@@ -155,7 +154,7 @@ def test_hanging_and_crashing_decoder_then_retry_failed(
     assert result.exit_code == 1
     videos = videos_by_name(output)
     assert videos["video-1.mp4"]["error_type"] == "timeout"
-    assert "longer than 8 s" in videos["video-1.mp4"]["error_message"]
+    assert "longer than 5 s" in videos["video-1.mp4"]["error_message"]
     assert videos["video-2.mp4"]["error_type"] == "decoder_crash"
     assert sum(v["status"] == "ok" for v in videos.values()) == VIDEOS - 2
     assert table_hashes(output) != clean
@@ -167,7 +166,7 @@ def test_hanging_and_crashing_decoder_then_retry_failed(
     assert table_hashes(output) == clean
 
 
-def test_driver_killed_then_resume(cluster, input_dir, tiny_model_dir_module, clean, tmp_path):
+def test_driver_killed_then_resume(cluster, input_dir, slow_videos, tiny_model_dir_module, clean, tmp_path):
     c, _ = cluster
     output = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": c.address, "PYTHONPATH": str(REPO)}

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import small_job_config, table_hashes, videos_by_name
+from tests.helpers import (
+    run_job_in_thread,
+    small_job_config,
+    table_hashes,
+    videos_by_name,
+    wait_shard_started,
+)
 from videoindex.config import DecodeConfig, ExecutionConfig, InputConfig, SamplingConfig
 from videoindex.executors.decode_worker import decode_task
 from videoindex.executors.ray_executor import (
@@ -263,19 +269,26 @@ def test_decode_queued_behind_busy_cpus_is_not_a_timeout_and_metrics_are_exporte
     own_ray, tiny_model_dir: Path, sample_videos: Path, tmp_path: Path
 ):
     """The timeout clock starts when Ray runs a decode task: a task that waited for a CPU longer than
-    decode.timeout_s (here behind a task holding the CPUs) indexes normally (needs the dashboard: the state
-    API). The actors' metrics reach Ray's Prometheus endpoint: clips, videos, latencies."""
+    decode.timeout_s (here behind an actor holding the CPUs it needs, released QUEUED_S after the shard
+    started) indexes normally (needs the dashboard: the state API). The actors' metrics reach Ray's
+    Prometheus endpoint: clips, videos, latencies."""
     from tests.s3server import free_port
 
     port = free_port()
     ray = own_ray(address="local", num_cpus=2, include_dashboard=True, _metrics_export_port=port,
                   _system_config={**ray_system_config(), "metrics_report_interval_ms": 1000})  # fmt: skip
-    hog = ray.remote(lambda s: time.sleep(s)).options(num_cpus=1).remote(14)  # the actor gets 0.5, decode 0.5
+    hog = ray.remote(num_cpus=1)(_Owner).remote()  # the model actor gets 0.5 CPU, a decode task needs 1
+    ray.get(hog.pid.remote(), timeout=60)
+    timeout_s, queued_s = 4, 6
     config = small_job_config(sample_videos, tmp_path / "out", tiny_model_dir, **{
-        "execution.executor": "ray", "decode.timeout_s": 5, "execution.decode_num_cpus": 1,
+        "execution.executor": "ray", "decode.timeout_s": timeout_s, "execution.decode_num_cpus": 1,
         "execution.actors": 1})  # fmt: skip
-    result = run_job(config)
-    assert ray.get(hog) is None
+    job, box = run_job_in_thread(config)
+    wait_shard_started(tmp_path / "out")  # the shard runs: its decode tasks are queued behind the hog
+    time.sleep(queued_s)
+    ray.kill(hog)
+    job.join(120)
+    result = box["result"]
     videos = videos_by_name(tmp_path / "out")
     assert result.exit_code == 0, {name: v["error_message"] for name, v in videos.items()}
     assert {name: v["status"] for name, v in videos.items()} == {
@@ -309,8 +322,9 @@ def test_a_decode_killed_by_rays_memory_monitor_is_out_of_memory(
 
     memory = psutil.virtual_memory()
     threshold = (memory.total - memory.available + 3.5 * 2**30) / memory.total
-    own_ray(address="local", num_cpus=2, include_dashboard=False, _system_config={
-        **ray_system_config(), "memory_usage_threshold": threshold, "memory_monitor_refresh_ms": 100})  # fmt: skip
+    own_ray(address="local", num_cpus=2, include_dashboard=False, _system_config={  # retries 0.1 s apart, not 1-4 s
+        **ray_system_config(), "memory_usage_threshold": threshold, "memory_monitor_refresh_ms": 100,
+        "task_oom_retry_delay_base_ms": 100})  # fmt: skip
     (sample_videos / "demo.mp4.hog").write_text("8192")  # stops at 8 GiB if the monitor never acts
     config = small_job_config(sample_videos, tmp_path / "out", tiny_model_dir, **{
         "execution.executor": "ray", "decode.decoder": "tests.faulty_decoder:open_faulty",

@@ -74,8 +74,10 @@ pytestmark = pytest.mark.ray  # a Ray head of its own (ray start), for the Jobs 
 
 
 @pytest.fixture(scope="module")
-def ray_head():
-    """A local Ray head with its dashboard on free ports; yields the dashboard address."""
+def ray_head(_ray_owner):
+    """A local Ray head with its dashboard on free ports; yields the dashboard address. The tests' shared
+    Ray is stopped first: two Rays on 2 cores starve each other."""
+    _ray_owner.stop()
     temp_dir = Path(tempfile.mkdtemp(prefix="vi-ray-", dir="/tmp"))  # short: Ray's socket paths are long
     gcs, dashboard, client, agent = _free_ports(4)
     ports = {"--port": gcs, "--dashboard-port": dashboard, "--ray-client-server-port": client,
@@ -99,18 +101,18 @@ def ray_head():
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the head's process group, then SIGKILL what is left of it.
+    """SIGTERM the head's process group, then, a second later, SIGKILL what is left of it.
 
-    Ray's own processes exit on SIGTERM at once; ``ray start --block`` lingers for half a minute.
-    Workers run in their own sessions and exit when their raylet goes.
+    Most of Ray's processes exit on SIGTERM at once; the raylet, the GCS, an agent and ``ray start
+    --block`` linger for 10-30 s, so they are not waited for. Workers run in their own sessions and exit
+    when their raylet goes.
     """
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
+            proc.wait(timeout=1)
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
 
 
 def _demo_config(tmp_path: Path, name: str = "job.yaml", **sections) -> Path:
