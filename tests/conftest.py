@@ -24,22 +24,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SUITE_WATCHDOG_S = float(os.environ.get("VIDEOINDEX_TEST_WATCHDOG_S", 45 * 60))
 
 
-# Run in one worker under pytest-xdist (``-n 2``), in collection order: every test that starts a Ray, then
-# the browser tests (whose fixture stops the Ray first). Two Rays on 2 cores starve each other, and
-# Chromium must never run beside a Ray (tests/test_report.py: browser). Prefixes of node ids, because
+# Run in one worker under pytest-xdist (the README command runs ``-n 2``), in this order: every test that
+# starts a Ray, and the browser tests. Two Rays on 2 cores starve each other, and Chromium must never run
+# beside a Ray (tests/test_report.py: browser). The order: the tests on the shared Ray one after another
+# (one start of it), the tests with Rays of their own, the multi-node fault tests (2-3x as long beside
+# the other worker's tests, a removed node 39 s instead of 12: they start about when that worker is
+# done), then the browser tests, after every Ray of the run has stopped. Prefixes of node ids, because
 # xdist's scheduler sees only those; the collection check below keeps them in step with the markers.
 ONE_WORKER = (
     "tests/test_cli.py::test_run_then_status",
-    "tests/test_faults.py::",
-    "tests/test_ray_executor.py::",
-    "tests/test_report.py::test_report_in_browser",
     "tests/test_s3.py::test_s3_to_s3",
+    "tests/test_ray_executor.py::",  # the shared Ray, then Rays of their own
     "tests/test_submit.py::",
+    "tests/test_faults.py::",
+    "tests/test_report.py::test_report_in_browser",
 )
 ONE_WORKER_MARKS = ("ray", "multinode", "browser")
 
 
+def _xdist_rank(item: pytest.Item) -> int:
+    """0 for a test outside ONE_WORKER, else 1 + the position of its prefix there."""
+    return next((n + 1 for n, prefix in enumerate(ONE_WORKER) if item.nodeid.startswith(prefix)), 0)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker collects, and sorts, the same way
+        items.sort(key=_xdist_rank)  # stable: otherwise as collected
     stray = [item.nodeid for item in items
              if any(item.get_closest_marker(m) for m in ONE_WORKER_MARKS) and not item.nodeid.startswith(ONE_WORKER)]  # fmt: skip
     if stray:
@@ -80,16 +90,20 @@ class _RayOwner:
 
     def __init__(self) -> None:
         self.shared = False
+        self.metrics_port = 0
 
     def shared_ray(self):
         import ray
 
+        from tests.s3server import free_port
         from videoindex.executors.ray_executor import ray_system_config
 
         if not (self.shared and ray.is_initialized()):
             self.stop()
-            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-                     log_to_driver=False, _system_config=ray_system_config())  # fmt: skip
+            self.metrics_port = free_port()
+            ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=free_port(),
+                     _metrics_export_port=self.metrics_port, logging_level="WARNING", log_to_driver=False,
+                     _system_config={**ray_system_config(), "metrics_report_interval_ms": 1000})  # fmt: skip
             self.shared = True
         return ray
 
@@ -111,7 +125,8 @@ def _ray_owner():
 
 @pytest.fixture()
 def ray_session(_ray_owner: _RayOwner):
-    """The shared local Ray (2 CPUs, the system config videoindex gives a local Ray)."""
+    """The shared local Ray: 2 CPUs, the system config videoindex gives a local Ray, a dashboard (Ray's
+    state API, as on a cluster) and metrics exported every second on ``_ray_owner.metrics_port``."""
     return _ray_owner.shared_ray()
 
 

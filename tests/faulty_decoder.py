@@ -32,15 +32,16 @@ def open_faulty(uri: str, *, decoder: str, fs: Any, fallback_to_pyav: bool, **op
 
 
 def _hog(mib: int) -> None:
-    """Allocate and fault in ``mib`` MiB, 128 MiB every 50 ms (slow enough for a memory monitor to see it).
+    """Allocate and fault in ``mib`` MiB, 256 MiB every 50 ms (slow enough for a memory monitor checking
+    every 100 ms to see it before the machine runs short: it overshoots by about 0.5 GiB).
 
     The kernel populates each step in one call (MAP_POPULATE): touching the pages from Python took 0.4 s
     per 128 MiB on a small VM, so the test waited on the hog rather than on the monitor."""
     import mmap
 
-    step = 128 * 2**20
+    step = 256 * 2**20
     held = []
-    for _ in range(mib // 128):
+    for _ in range(mib // 256):
         held.append(mmap.mmap(-1, step, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE))
         time.sleep(0.05)
     for block in held:
