@@ -1,8 +1,8 @@
 """A decoder plug-in for fault tests (``decode.decoder: tests.faulty_decoder:open_faulty``).
 
 It opens videos with the real decoder, after misbehaving on request: a sibling file ``VIDEO.hang``
-makes it sleep forever, ``VIDEO.crash`` kills the worker process, ``VIDEO.slow`` (or the env var
-VIDEOINDEX_TEST_SLOW_S) sleeps a while first so that a test can kill things mid-shard, ``VIDEO.hog``
+makes it sleep forever, ``VIDEO.crash`` kills the worker process, ``VIDEO.slow`` (holding seconds)
+sleeps that long first so that a test can kill things mid-shard, ``VIDEO.hog``
 (holding a number of MiB) allocates that much, in steps, as a runaway decode would. Removing the
 sibling file "repairs" the video for a resume.
 """

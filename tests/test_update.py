@@ -55,6 +55,9 @@ def _change(folder: Path) -> None:
     _video(folder / "g.mp4", 40)
 
 
+SLOWED = "tests.faulty_decoder:open_faulty"  # PyAV, after a sleep where a VIDEO.slow file says so
+
+
 def _config(folder: Path, output: Path, model: Path, **extra):
     return small_job_config(folder, output, model, **{"sampling.clip_stride": 2, **extra})
 
@@ -206,7 +209,8 @@ def test_update_guard_rails_write_nothing(tiny_model_dir, tmp_path):
 def test_update_killed_at_either_point_is_finished_by_resume(tiny_model_dir, tmp_path):
     """An update killed after writing its plan but before _job.json named it, then one killed (SIGKILL) once
     its first shard is committed: `status` says the job must be resumed, `resume` finishes each update, and
-    each time the index equals a fresh index of the changed collection."""
+    each time the index equals a fresh index of the changed collection. The tests' decoder plug-in makes the
+    killed update's videos decode in >= 1 s each (VIDEO.slow), so the kill lands between its shards."""
     from videoindex.config import InputConfig
     from videoindex.format.layout import plan_file
     from videoindex.format.plans import read_plan, write_plan
@@ -217,7 +221,8 @@ def test_update_killed_at_either_point_is_finished_by_resume(tiny_model_dir, tmp
     folder.mkdir()
     for i in range(8):
         _video(folder / f"v{i}.mp4", 20 + 2 * i, mtime=1_700_000_000)
-    assert run_job(_config(folder, output, tiny_model_dir)).exit_code == 0
+    slowed = {"decode.decoder": SLOWED}  # every run of this output, and the fresh indexes to compare with
+    assert run_job(_config(folder, output, tiny_model_dir, **slowed)).exit_code == 0
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     resume = ["resume", str(output), "--no-progress"]  # the CLI in this process: no interpreter to start
 
@@ -231,16 +236,19 @@ def test_update_killed_at_either_point_is_finished_by_resume(tiny_model_dir, tmp
     record = read_job(fs, root)
     assert [(g["generation"], g.get("new"), g.get("changed"), g.get("deleted")) for g in record["generations"]] == [
         (0, None, None, None), (1, 1, 1, 1)]  # fmt: skip
-    assert run_job(_config(folder, tmp_path / "fresh1", tiny_model_dir)).exit_code == 0
+    assert run_job(_config(folder, tmp_path / "fresh1", tiny_model_dir, **slowed)).exit_code == 0
     _assert_same_rows(_rows(output), _rows(tmp_path / "fresh1"))
 
     for i in (0, 2, 4, 6):  # 2. killed mid-way: a change in every shard, and a new video
         _video(folder / f"v{i}.mp4", 30 + i, mtime=1_900_000_000)
     _video(folder / "v9.mp4", 18)
+    slow = [folder / f"v{i}.mp4.slow" for i in (0, 2, 4, 6, 9)]
+    for marker in slow:
+        marker.write_text("1.0")
     cmd = [sys.executable, "-m", "videoindex.cli", "run", str(folder), str(output), "--update", "--model",
            str(tiny_model_dir), "--shard-size", "2", "--clip-stride", "2", "--batch-size", "4",
            "--executor", "local", "--no-progress", "--config", str(tmp_path / "beat.yaml")]  # fmt: skip
-    cli_job_yaml(tmp_path / "beat.yaml", "heartbeat_s: 0.5")  # a dead driver shows in 1.5 s
+    cli_job_yaml(tmp_path / "beat.yaml", "heartbeat_s: 0.5", decode=f"decoder: '{SLOWED}'")  # dead in 1.5 s
     driver = subprocess.Popen(cmd, cwd=REPO, env=env)
     ledger = Ledger(fs, root)
 
@@ -250,6 +258,8 @@ def test_update_killed_at_either_point_is_finished_by_resume(tiny_model_dir, tmp
     wait_for(lambda: len(update_commits()) >= 1)
     driver.send_signal(signal.SIGKILL)
     driver.wait(30)
+    for marker in slow:
+        marker.unlink()
     done = update_commits()
     assert 1 <= len(done) < 5, done  # the update's 5 shards: 0-3 (one change each) and 5 (v9, new)
     wait_for(lambda: job_status(str(output))["job"]["state"] == "not running", timeout=30)
@@ -260,7 +270,7 @@ def test_update_killed_at_either_point_is_finished_by_resume(tiny_model_dir, tmp
     assert shards["pending_update"] == 4 - len(done - {5})
     assert status["job"]["continue_with"] == f"videoindex resume {output}"
     assert main(resume) == 0
-    assert run_job(_config(folder, tmp_path / "fresh2", tiny_model_dir)).exit_code == 0
+    assert run_job(_config(folder, tmp_path / "fresh2", tiny_model_dir, **slowed)).exit_code == 0
     _assert_same_rows(_rows(output), _rows(tmp_path / "fresh2"))
     assert [g["generation"] for g in read_job(fs, root)["generations"]] == [0, 1, 2]
     status = job_status(str(output))
