@@ -5,6 +5,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if stray:
         raise pytest.UsageError(f"tests marked {'/'.join(ONE_WORKER_MARKS)} must be in tests/conftest.py "
                                 f"ONE_WORKER: {', '.join(stray)}")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_in_one_worker(request: pytest.FixtureRequest):
+    """A test outside ONE_WORKER that starts a Ray in this process fails: under xdist it would run beside
+    the other worker's Ray (and perhaps beside Chromium). Serially a Ray left by an earlier test is fine."""
+
+    def running() -> bool:
+        ray = sys.modules.get("ray")
+        return ray is not None and ray.is_initialized()
+
+    before = running()
+    yield
+    if not before and running() and not request.node.nodeid.startswith(ONE_WORKER):
+        sys.modules["ray"].shutdown()
+        pytest.fail("this test started a Ray: mark it ray (or multinode) and add it to ONE_WORKER in "
+                    "tests/conftest.py")  # fmt: skip
 
 
 @pytest.hookimpl(optionalhook=True)
