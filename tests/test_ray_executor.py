@@ -178,9 +178,11 @@ def test_decode_queued_behind_busy_cpus_is_not_a_timeout_and_metrics_are_exporte
         "execution.executor": "ray", "decode.timeout_s": timeout_s, "execution.decode_num_cpus": 1,
         "execution.actors": 1})  # fmt: skip
     job, box = run_job_in_thread(config)
-    wait_shard_started(tmp_path / "out")  # the shard runs: its decode tasks are queued behind the hog
-    time.sleep(queued_s)
-    ray.kill(hog)
+    try:
+        wait_shard_started(tmp_path / "out")  # the shard runs: its decode tasks are queued behind the hog
+        time.sleep(queued_s)
+    finally:
+        ray.kill(hog)  # the shared Ray's CPUs back, whatever happened
     job.join(120)
     result = box["result"]
     videos = videos_by_name(tmp_path / "out")
