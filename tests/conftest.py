@@ -27,29 +27,25 @@ SUITE_WATCHDOG_S = float(os.environ.get("VIDEOINDEX_TEST_WATCHDOG_S", 45 * 60))
 
 # Run in one worker under pytest-xdist (the README command runs ``-n 2``), in this order: every test that
 # starts a Ray, and the browser tests. Two Rays on 2 cores starve each other, and Chromium must never run
-# beside a Ray (tests/test_report.py: browser). The order (a test goes where its longest matching prefix
-# is): the tests on the shared Ray one after another (one start of it), the tests with Rays of their own,
-# the multi-node fault tests (2-3x as long beside the other worker's tests, a removed node 39 s instead
-# of 12: they start about when that worker is done), the Ray memory-monitor test (its threshold is 3.5 GiB
-# above the machine's use when it starts: the other worker's tests swing that by up to 2 GiB), then the
-# browser tests, after every Ray of the run has stopped. Prefixes of node ids, because xdist's scheduler
-# sees only those; the collection check below keeps them in step with the markers.
+# beside a Ray (tests/test_report.py: browser). The order: the tests on the shared Ray one after another
+# (one start of it), the tests with Rays of their own, the multi-node fault tests (2-3x as long beside
+# the other worker's tests, a removed node 39 s instead of 12: they start about when that worker is
+# done), then the browser tests, after every Ray of the run has stopped. Prefixes of node ids, because
+# xdist's scheduler sees only those; the collection check below keeps them in step with the markers.
 ONE_WORKER = (
     "tests/test_cli.py::test_run_then_status",
     "tests/test_s3.py::test_s3_to_s3",
     "tests/test_ray_executor.py::",  # the shared Ray, then Rays of their own
     "tests/test_submit.py::",
     "tests/test_faults.py::",
-    "tests/test_ray_executor.py::test_a_decode_killed_by_rays_memory_monitor",
     "tests/test_report.py::test_report_in_browser",
 )
 ONE_WORKER_MARKS = ("ray", "multinode", "browser")
 
 
 def _xdist_rank(item: pytest.Item) -> int:
-    """0 for a test outside ONE_WORKER, else 1 + the position of its longest matching prefix there."""
-    matching = [(len(prefix), n + 1) for n, prefix in enumerate(ONE_WORKER) if item.nodeid.startswith(prefix)]
-    return max(matching)[1] if matching else 0
+    """0 for a test outside ONE_WORKER, else 1 + the position of its prefix there."""
+    return next((n + 1 for n, prefix in enumerate(ONE_WORKER) if item.nodeid.startswith(prefix)), 0)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -322,14 +322,15 @@ def _metric_total(text: str, name: str) -> float:
 def test_a_decode_killed_by_rays_memory_monitor_is_out_of_memory(
     own_ray, tiny_model_dir, sample_videos, tmp_path
 ):
-    """A real decode whose memory runs away (past Ray's memory monitor threshold, set 3.5 GiB above what the
-    machine uses now: about 1.5 GiB for this Ray, its actor and workers, 2 GiB for the decode; far below
-    decode.max_memory_mb): Ray kills its worker, the video is an out_of_memory row saying so after Ray's
-    retries, and the job goes on with the next video."""
+    """A real decode whose memory runs away (past Ray's memory monitor threshold, set 5 GiB above what the
+    machine uses now: about 1.5 GiB for this Ray, its actor and workers, up to 2.2 GiB that the other
+    xdist worker's tests come and go by, the rest for the decode; far below decode.max_memory_mb): Ray
+    kills its worker, the video is an out_of_memory row saying so after Ray's retries, and the job goes
+    on with the next video."""
     import psutil
 
     memory = psutil.virtual_memory()
-    threshold = (memory.total - memory.available + 3.5 * 2**30) / memory.total
+    threshold = (memory.total - memory.available + 5 * 2**30) / memory.total
     own_ray(address="local", num_cpus=2, include_dashboard=False, _system_config={  # retries 0.1 s apart, not 1-4 s
         **ray_system_config(), "memory_usage_threshold": threshold, "memory_monitor_refresh_ms": 100,
         "task_oom_retry_delay_base_ms": 100})  # fmt: skip
