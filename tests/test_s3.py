@@ -114,11 +114,13 @@ def test_s3_to_s3_job_resume_status_query_without_leaking_secrets(
     assert status["videos"] == 4 and status["clips"] == 4
 
     # resume: as if the driver died while shard 1 was being written (its files, its commit event and the
-    # run's closing checkpoint never made it); only shard 1 runs again
+    # run's closing checkpoint never made it); only shard 1 runs again, here on the local executor (the
+    # same bytes as Ray's: tests/test_ray_executor.py; a resume on Ray: tests/test_faults.py)
     for path in out.find(f"{OUT}/job"):
         if "shard=00001/" in path or path.endswith(".s00001.a01.committed.json") or "/checkpoints/" in path:
             out.rm_file(path)
-    resumed = run_job(config, resume=True)
+    local = config.replace(execution=dataclasses.replace(config.execution, executor="local"))
+    resumed = run_job(local, resume=True)
     assert resumed.summary["shards_to_run"] == 1 and resumed.summary["shards_committed"] == 2
     again = _videos(out, f"{OUT}/job")
     assert sorted(r["video_id"] for r in again) == sorted(r["video_id"] for r in videos.values())
