@@ -85,9 +85,13 @@ def _vanished(exc: BaseException, root: str) -> bool:
     return missing and root in text
 
 
+REREADS = 5  # an update rewrites shard after shard: a slow query may meet several of those commits
+
+
 def read_again_if_rewritten(method: Any) -> Any:
     """Readers open the file versions the commits they read name; a rewrite that commits meanwhile deletes
-    the versions it replaced. Then read the ledger again and answer from the new commits (once)."""
+    the versions it replaced. Then read the ledger again and answer from the new commits (up to REREADS
+    times, then the error stands)."""
 
     @functools.wraps(method)
     def reread(self: Index, *args: Any, **kwargs: Any) -> Any:
@@ -95,14 +99,17 @@ def read_again_if_rewritten(method: Any) -> Any:
             return method(self, *args, **kwargs)
         self._reading = True
         try:
-            return method(self, *args, **kwargs)
-        except Exception as exc:
-            if not _vanished(exc, self.root):
-                raise
-            log.info("a shard was rewritten while %s read it (%s); reading the ledger again", self.uri,
-                     _one_line(exc)[:200])  # fmt: skip
-            self.refresh()
-            return method(self, *args, **kwargs)
+            rereads = 0
+            while True:
+                try:
+                    return method(self, *args, **kwargs)
+                except Exception as exc:
+                    if rereads == REREADS or not _vanished(exc, self.root):
+                        raise
+                    rereads += 1
+                    log.info("a shard was rewritten while %s read it (%s); reading the ledger again", self.uri,
+                             _one_line(exc)[:200])  # fmt: skip
+                    self.refresh()
         finally:
             self._reading = False
 
