@@ -113,13 +113,13 @@ class _RayOwner:
     def shared_ray(self):
         import ray
 
-        from tests.s3server import free_port
+        from tests.helpers import free_ports
         from videoindex.executors.ray_executor import ray_system_config
 
         if not (self.shared and ray.is_initialized()):
             self.stop()
-            self.metrics_port = free_port()
-            ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=free_port(),
+            self.metrics_port, dashboard_port = free_ports(2)
+            ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=dashboard_port,
                      _metrics_export_port=self.metrics_port, logging_level="WARNING", log_to_driver=False,
                      _system_config={**ray_system_config(), "metrics_report_interval_ms": 1000})  # fmt: skip
             self.shared = True

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import socket
 import threading
 import time
 from pathlib import Path
@@ -72,6 +74,19 @@ def videos_by_name(output: Path) -> dict[str, dict[str, Any]]:
     by_name = {Path(row["uri"]).name: row for row in rows}
     assert len(by_name) == len(rows), f"duplicate videos rows: {sorted(Path(r['uri']).name for r in rows)}"
     return by_name
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports: every socket stays bound until all are picked (a released port may come back)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def run_job_in_thread(config: JobConfig) -> tuple[threading.Thread, dict[str, Any]]:

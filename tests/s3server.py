@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import free_port
+
 TEST_KEY = "testing"  # moto's default credentials while IAM checks are off
 TEST_SECRET = "testing"
 
@@ -71,12 +73,6 @@ class S3Server:
         import requests
 
         requests.post(f"{self.url}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from tests.helpers import free_port
 from tests.synthetic_index import write_synthetic_index
 from videoindex.format.layout import table_file
 from videoindex.query import NotAnIndexError, QueryError, open_index, register_query_cli, run_query_cli
@@ -282,12 +282,6 @@ def test_cli_table_and_stdout(built, capsys) -> None:
     assert len(capsys.readouterr().out.strip().splitlines()) == 4
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture()
 def moto_s3(monkeypatch: pytest.MonkeyPatch):
     """An S3 endpoint served by moto in this process; yields its URL."""
@@ -296,7 +290,7 @@ def moto_s3(monkeypatch: pytest.MonkeyPatch):
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"):
         monkeypatch.setenv(key, "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     try:
         yield f"http://127.0.0.1:{server._port}"

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import yaml
 
 from tests import s3server
 from tests.conftest import REPO, SAMPLES
+from tests.helpers import free_port, free_ports
 from videoindex.config import ConfigError, load_config
 from videoindex.executors.ray_executor import ray_node_env
 from videoindex.submit import (
@@ -41,19 +41,6 @@ from videoindex.submit import (
 s3_server, s3 = s3server.s3_server, s3server.s3  # the moto fixtures
 VENV_BIN = Path(sys.executable).parent
 DEMO_CONFIG = REPO / "jobs" / "configs" / "local_demo.yaml"
-
-
-def _free_port() -> int:
-    return _free_ports(1)[0]
-
-
-def _free_ports(count: int) -> list[int]:
-    """Distinct free ports: every socket stays bound until all are picked (a released port may come back)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
@@ -79,7 +66,7 @@ def ray_head(_ray_owner):
     Ray is stopped first: two Rays on 2 cores starve each other."""
     _ray_owner.stop()
     temp_dir = Path(tempfile.mkdtemp(prefix="vi-ray-", dir="/tmp"))  # short: Ray's socket paths are long
-    gcs, dashboard, client, agent = _free_ports(4)
+    gcs, dashboard, client, agent = free_ports(4)
     ports = {"--port": gcs, "--dashboard-port": dashboard, "--ray-client-server-port": client,
              "--dashboard-agent-listen-port": agent}  # fmt: skip
     # The node's environment as cluster/Dockerfile sets it (ray_node_env); jobs run this venv's python.
@@ -141,7 +128,7 @@ def _clip_rows(output: Path) -> int:
 def test_unreachable_address_is_one_clear_line(capsys):
     from videoindex.cli import main
 
-    assert main(["submit", "--address", f"http://127.0.0.1:{_free_port()}", str(DEMO_CONFIG)]) == 2
+    assert main(["submit", "--address", f"http://127.0.0.1:{free_port()}", str(DEMO_CONFIG)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot reach the Ray dashboard" in err
     assert run_submit_cli(_cli_args(None, str(DEMO_CONFIG))) == 2
@@ -161,7 +148,7 @@ def test_unsafe_submissions_are_refused_before_reaching_the_cluster(
 ):
     config = _demo_config(tmp_path, **change)
     with pytest.raises(SubmitError, match=message):
-        submit_job(f"http://127.0.0.1:{_free_port()}", str(config), job_args=job_args)
+        submit_job(f"http://127.0.0.1:{free_port()}", str(config), job_args=job_args)
     assert ("credentials" in capsys.readouterr().err) == ("storage_options" in change.get("output", {}))
 
 
